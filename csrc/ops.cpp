@@ -1,0 +1,45 @@
+// fusedloss op schemas: the one contract the native (CPU, CUDA) and Triton backends implement.
+// Nothing but schemas lives here; kernels register with TORCH_LIBRARY_IMPL(fusedloss, CPU|CUDA)
+// in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu. The Triton backend registers the same schemas under
+// the namespace `fusedloss_triton` (python/fusedloss/_triton.py); the pure-PyTorch backend
+// implements the same signatures in python/fusedloss/_torch_backend.py. Semantics: docs/OPS.md.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fusedloss, m) {
+  // Softmax cross-entropy over a (R, C) row-major view. One read of `logits` produces
+  // loss/lse/decoding and, when compute_grad, the gradient pre-scaled by grad_scale.
+  m.def(
+      "softmax_ce_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? grad_scale, "
+      "int ignore_index, float label_smoothing, float lse_square_scale, float softcap, "
+      "bool compute_grad, bool decode) "
+      "-> (Tensor loss, Tensor lse, Tensor grad, Tensor pred, Tensor confidence)");
+  // Same, but the gradient overwrites `logits` (inplace_backward=True).
+  m.def(
+      "softmax_ce_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
+      "Tensor? grad_scale, int ignore_index, float label_smoothing, float lse_square_scale, "
+      "float softcap, bool decode) -> (Tensor loss, Tensor lse, Tensor pred, Tensor confidence)");
+  // Backward for reduction='none': grad_loss is (R,), recomputes softmax from the saved lse.
+  m.def(
+      "softmax_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
+      "Tensor lse, int ignore_index, float label_smoothing, float lse_square_scale, "
+      "float softcap) -> Tensor");
+  // Inference decoding: argmax (lowest index on ties) and its probability.
+  m.def("softmax_decode(Tensor logits, float softcap) -> (Tensor pred, Tensor confidence)");
+
+  // Sigmoid binary cross-entropy with logits, elementwise over (R, C).
+  m.def(
+      "sigmoid_bce_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? pos_weight, "
+      "Tensor? grad_scale, Tensor? threshold, bool reduce_rows, bool compute_grad, "
+      "bool return_probs, bool count) "
+      "-> (Tensor loss, Tensor grad, Tensor labels, Tensor probs, Tensor counts)");
+  // Backward for reduction='none': grad_loss is (R, C).
+  m.def(
+      "sigmoid_bce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
+      "Tensor? pos_weight) -> Tensor");
+  // Inference decoding: multi-hot labels (x > threshold, logit space) and optional probs.
+  m.def("sigmoid_decode(Tensor logits, Tensor threshold, bool return_probs) -> (Tensor labels, Tensor probs)");
+
+  // grad *= scale (0-dim tensor), in place; reads `scale` on the device and touches nothing
+  // when it is exactly 1 (the usual loss.backward()).
+  m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()");
+}

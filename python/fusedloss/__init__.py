@@ -1,0 +1,18 @@
+"""fusedloss: fused softmax cross-entropy and sigmoid BCE with decodings, drop-in for torch.nn.
+
+Importing loads the built extensions (if any) and records which backends are usable; it
+patches nothing.
+"""
+
+from . import _backend
+from . import _torch_backend  # noqa: F401  (registers "torch")
+from . import _native  # noqa: F401  (registers "native" when built)
+from ._backend import available_backends
+
+try:
+    from . import _triton  # noqa: F401  (registers "triton" when usable)
+except ImportError as e:  # triton missing, or the Triton backend not written yet
+    _backend.mark_unavailable("triton", f"import failed: {e}")
+
+__all__ = ["available_backends"]
+__version__ = "0.1.0"

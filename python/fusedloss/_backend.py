@@ -1,0 +1,104 @@
+"""Backend registry: which implementations of the ops in csrc/ops.cpp exist, and which to use.
+
+A backend is a name, a predicate saying which devices it serves, and an `ops` object with one
+callable per op of docs/OPS.md (same argument order as the schema). Backends register
+themselves at import (`_torch_backend`, `_native`, `_triton`); the functional layer only ever
+calls `get(name, device).ops.<op>(...)`, so a new backend plugs in without touching it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+ENV_VAR = "FUSEDLOSS_BACKEND"
+
+OP_NAMES = (
+    "softmax_ce_fwd",
+    "softmax_ce_fwd_inplace",
+    "softmax_ce_bwd",
+    "softmax_decode",
+    "sigmoid_bce_fwd",
+    "sigmoid_bce_bwd",
+    "sigmoid_decode",
+    "scale_grad_",
+)
+
+
+@dataclass
+class Backend:
+    name: str
+    ops: Any  # an object with one attribute per name in OP_NAMES
+    supports: Callable[[torch.device], bool]  # is it built/usable for this device?
+    priority: dict  # device type -> rank for backend="auto" (lower first); absent: never auto
+    build_hint: str  # what to do when it is asked for but not built
+
+
+_REGISTRY: dict[str, Backend] = {}
+# Names users may ask for, with the reason a known backend is not registered (import failed).
+KNOWN = {"native": "", "triton": "", "torch": ""}
+
+
+def register(backend: Backend) -> None:
+    missing = [op for op in OP_NAMES if not hasattr(backend.ops, op)]
+    if missing:
+        raise TypeError(f"backend {backend.name!r} lacks ops {missing}")
+    _REGISTRY[backend.name] = backend
+    KNOWN[backend.name] = ""
+
+
+def mark_unavailable(name: str, reason: str) -> None:
+    """Record why a known backend could not be registered (shown when it is asked for)."""
+    if name not in _REGISTRY:
+        KNOWN[name] = reason
+
+
+def _device(device) -> torch.device:
+    return device if isinstance(device, torch.device) else torch.device(device)
+
+
+def available_backends(device="cpu") -> list[str]:
+    """Names of the backends usable for tensors on `device`, fastest first."""
+    dev = _device(device)
+    usable = [b for b in _REGISTRY.values() if b.supports(dev)]
+    usable.sort(key=lambda b: b.priority.get(dev.type, 1000))
+    return [b.name for b in usable]
+
+
+def get(name: str, device) -> Backend:
+    """Resolve `backend=` (or FUSEDLOSS_BACKEND for "auto") to a usable Backend, or raise."""
+    dev = _device(device)
+    if name == "auto":
+        name = os.environ.get(ENV_VAR, "auto") or "auto"
+        if name == "auto":
+            for b in sorted(_REGISTRY.values(), key=lambda b: b.priority.get(dev.type, 1000)):
+                if dev.type in b.priority and b.supports(dev):
+                    return b
+            return _REGISTRY["torch"]
+    if not isinstance(name, str) or name not in KNOWN:
+        raise ValueError(
+            f"backend={name!r} is not a fusedloss backend; expected one of "
+            f"{['auto', *KNOWN]}"
+        )
+    b = _REGISTRY.get(name)
+    if b is None:
+        raise RuntimeError(
+            f"backend={name!r} is not built in this installation ({KNOWN[name]}). "
+            f"{_HINTS.get(name, '')}"
+        )
+    if not b.supports(dev):
+        raise RuntimeError(
+            f"backend={name!r} is not available for device {dev}. {b.build_hint}"
+        )
+    return b
+
+
+_HINTS = {
+    "native": "Build it with `pip install --no-build-isolation -e .` (CUDA kernels need "
+    "CUDA_HOME and a CUDA build of torch; see README).",
+    "triton": "Install triton (it ships with CUDA builds of torch); on CPU it runs only "
+    "under TRITON_INTERPRET=1, for tests.",
+}

@@ -1,0 +1,204 @@
+"""Pure-PyTorch math of every fusedloss op: the fallback backend's core and the test oracle.
+
+Everything here works on the 2-D (rows, classes) view and returns per-row (or per-element)
+values; reductions live in functional.py. The functions are written with differentiable
+torch ops so `torch.autograd.gradcheck` can check the closed-form gradients below against
+autograd. Semantics (and the derivation of each gradient) are in docs/OPS.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 stays fp64, everything else is computed in fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def apply_softcap(x: Tensor, softcap: float) -> Tensor:
+    """`cap * tanh(x / cap)` (Gemma-2 style logit soft-capping); identity when softcap == 0."""
+    return x if softcap == 0.0 else softcap * torch.tanh(x / softcap)
+
+
+def _class_weight(weight: Tensor | None, num_classes: int, like: Tensor) -> Tensor:
+    if weight is None:
+        return torch.ones(num_classes, dtype=like.dtype, device=like.device)
+    return weight.to(like.dtype)
+
+
+def _target_parts(target: Tensor, ignore_index: int, num_classes: int):
+    """(ignored mask, safe target index) for class-index targets."""
+    ignored = target == ignore_index
+    safe = target.masked_fill(ignored, 0)
+    return ignored, safe
+
+
+def check_target_range(target: Tensor, ignore_index: int, num_classes: int) -> None:
+    """Raise IndexError (as torch's nll_loss does) for a class index outside [0, C).
+
+    This is the reference backend: it may synchronise to raise a host exception.
+    """
+    if target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad][0])
+        raise IndexError(f"Target {value} is out of bounds.")
+
+
+def softmax_ce_rows(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """Per-row softmax cross-entropy and log-sum-exp, in the accumulation dtype.
+
+    `target` is (R,) class indices or (R, C) probabilities. Returns (loss (R,), lse (R,)).
+    Ignored rows have loss 0.
+    """
+    x = logits.to(compute_dtype(logits.dtype))
+    num_classes = x.shape[-1]
+    z = apply_softcap(x, softcap)
+    lse = torch.logsumexp(z, dim=-1)
+    nll = lse.unsqueeze(-1) - z  # -log p, (R, C)
+    w = _class_weight(weight, num_classes, x)
+    eps = label_smoothing
+    if target.dim() == logits.dim():  # probability targets
+        y = target.to(x.dtype)
+        if eps > 0:
+            y = y * (1 - eps) + eps / num_classes
+        loss = (nll * w * y).sum(-1)
+        if lse_square_scale:
+            loss = loss + lse_square_scale * lse.square()
+        return loss, lse
+    ignored, safe = _target_parts(target, ignore_index, num_classes)
+    loss = (1 - eps) * w[safe] * nll.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    if eps > 0:
+        loss = loss + (eps / num_classes) * (nll * w).sum(-1)
+    if lse_square_scale:
+        loss = loss + lse_square_scale * lse.square()
+    return loss.masked_fill(ignored, 0.0), lse
+
+
+def softmax_ce_grad(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    lse: Tensor,
+    row_scale: Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    lse_square_scale: float = 0.0,
+    softcap: float = 0.0,
+) -> Tensor:
+    """Closed-form d(sum_r row_scale[r] * loss[r]) / d logits, in the accumulation dtype.
+
+    With z the (soft-capped) logits, p = softmax(z), for a class-index row with target t:
+        dloss/dz_c = p_c * ((1-eps) w_t + (eps/C) W + 2 s lse) - (1-eps) w_t [c==t] - (eps/C) w_c
+    where W = sum_c w_c. For probability targets y' = (1-eps) y + eps/C, S = sum_c w_c y'_c:
+        dloss/dz_c = p_c * (S + 2 s lse) - w_c y'_c
+    and soft-capping multiplies by dz/dx = 1 - (z/cap)^2. Ignored rows get exactly 0.
+    """
+    x = logits.to(compute_dtype(logits.dtype))
+    num_classes = x.shape[-1]
+    z = apply_softcap(x, softcap)
+    lse = lse.to(x.dtype)
+    p = torch.exp(z - lse.unsqueeze(-1))
+    w = _class_weight(weight, num_classes, x)
+    eps = label_smoothing
+    zsq = 2 * lse_square_scale * lse
+    if target.dim() == logits.dim():
+        y = target.to(x.dtype) * (1 - eps) + eps / num_classes
+        wy = w * y
+        dz = p * (wy.sum(-1) + zsq).unsqueeze(-1) - wy
+        ignored = None
+    else:
+        ignored, safe = _target_parts(target, ignore_index, num_classes)
+        wt = (1 - eps) * w[safe]
+        coef = wt + (eps / num_classes) * w.sum() + zsq
+        dz = p * coef.unsqueeze(-1) - (eps / num_classes) * w
+        dz = dz.scatter_add(-1, safe.unsqueeze(-1), -wt.unsqueeze(-1))
+    if softcap:
+        dz = dz * (1 - (z / softcap).square())
+    grad = dz * row_scale.to(x.dtype).reshape(-1, 1)
+    if ignored is not None:
+        grad = grad.masked_fill(ignored.unsqueeze(-1), 0.0)
+    return grad
+
+
+def softmax_decode(logits: Tensor, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(argmax with torch's tie rule, probability of the argmax class as fp32)."""
+    x = logits.to(compute_dtype(logits.dtype))
+    z = apply_softcap(x, softcap)
+    pred = torch.argmax(z, dim=-1)
+    lse = torch.logsumexp(z, dim=-1)
+    conf = torch.exp(z.gather(-1, pred.unsqueeze(-1)).squeeze(-1) - lse)
+    return pred, conf.float()
+
+
+def sigmoid_bce_elem(
+    logits: Tensor, target: Tensor, weight: Tensor | None = None, pos_weight: Tensor | None = None
+) -> Tensor:
+    """Elementwise BCE-with-logits in the accumulation dtype, stable for |x| up to 1e4:
+    (1 - y) x + (1 + (p - 1) y) softplus(-x), times w."""
+    x = logits.to(compute_dtype(logits.dtype))
+    y = target.to(x.dtype)
+    sp = torch.nn.functional.softplus(-x)  # log(1 + exp(-x)), computed stably by torch
+    if pos_weight is None:
+        loss = (1 - y) * x + sp
+    else:
+        loss = (1 - y) * x + (1 + (pos_weight.to(x.dtype) - 1) * y) * sp
+    if weight is not None:
+        loss = loss * weight.to(x.dtype)
+    return loss
+
+
+def sigmoid_bce_grad(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    pos_weight: Tensor | None,
+    grad_loss: Tensor,
+) -> Tensor:
+    """d(sum grad_loss * loss)/dx = grad_loss * w * ((p y + 1 - y) sigmoid(x) - p y)."""
+    x = logits.to(compute_dtype(logits.dtype))
+    y = target.to(x.dtype)
+    sig = torch.sigmoid(x)
+    if pos_weight is None:
+        dx = sig - y
+    else:
+        py = pos_weight.to(x.dtype) * y
+        dx = (py + 1 - y) * sig - py
+    if weight is not None:
+        dx = dx * weight.to(x.dtype)
+    return dx * grad_loss.to(x.dtype)
+
+
+def logit_threshold(threshold: Tensor | float) -> Tensor | float:
+    """Probability threshold -> the logit-space threshold the decoding compares against."""
+    if isinstance(threshold, Tensor):
+        return torch.logit(threshold.to(torch.float64)).float()
+    t = float(threshold)
+    return float(torch.logit(torch.tensor(t, dtype=torch.float64)))
+
+
+def sigmoid_decode(logits: Tensor, threshold: Tensor) -> Tensor:
+    """Multi-hot labels: x > threshold (logit space, strict: a tie is negative)."""
+    return logits.to(compute_dtype(logits.dtype)) > threshold.to(compute_dtype(logits.dtype))
+
+
+def confusion_counts(labels: Tensor, target: Tensor) -> Tensor:
+    """Per-class (last dim) [TP, FP, FN] as (3, C) int64; a target is positive when > 0.5."""
+    pos = target.to(torch.float64) > 0.5 if target.dtype != torch.bool else target
+    lab = labels.reshape(-1, labels.shape[-1])
+    pos = pos.reshape(-1, labels.shape[-1])
+    tp = (lab & pos).sum(0)
+    fp = (lab & ~pos).sum(0)
+    fn = (~lab & pos).sum(0)
+    return torch.stack([tp, fp, fn]).to(torch.int64)
