@@ -8,11 +8,34 @@ from . import _backend
 from . import _torch_backend  # noqa: F401  (registers "torch")
 from . import _native  # noqa: F401  (registers "native" when built)
 from ._backend import available_backends
+from .functional import (
+    BCEOutput,
+    CrossEntropyOutput,
+    SigmoidDecoding,
+    SoftmaxDecoding,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    sigmoid_decode,
+    softmax_decode,
+)
+from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 
 try:
     from . import _triton  # noqa: F401  (registers "triton" when usable)
 except ImportError as e:  # triton missing, or the Triton backend not written yet
     _backend.mark_unavailable("triton", f"import failed: {e}")
 
-__all__ = ["available_backends"]
+__all__ = [
+    "BCEOutput",
+    "BCEWithLogitsLoss",
+    "CrossEntropyLoss",
+    "CrossEntropyOutput",
+    "SigmoidDecoding",
+    "SoftmaxDecoding",
+    "available_backends",
+    "binary_cross_entropy_with_logits",
+    "cross_entropy",
+    "sigmoid_decode",
+    "softmax_decode",
+]
 __version__ = "0.1.0"

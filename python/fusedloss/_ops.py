@@ -17,8 +17,9 @@ def softmax_ce_fwd_fake(logits, target, weight, grad_scale, ignore_index, label_
                         lse_square_scale, softcap, compute_grad, decode):
     rows, classes = logits.shape
     f32 = torch.float32
-    loss = logits.new_empty((rows,), dtype=f32)
-    lse = logits.new_empty((rows,), dtype=f32)
+    acc = torch.float64 if logits.dtype == torch.float64 else f32
+    loss = logits.new_empty((rows,), dtype=acc)
+    lse = logits.new_empty((rows,), dtype=acc)
     grad = logits.new_empty((rows, classes)) if compute_grad else _empty(logits)
     pred = logits.new_empty((rows,), dtype=torch.int64) if decode else _empty(logits, torch.int64)
     conf = logits.new_empty((rows,), dtype=f32) if decode else _empty(logits, f32)
@@ -47,7 +48,8 @@ def softmax_decode_fake(logits, softcap):
 def sigmoid_bce_fwd_fake(logits, target, weight, pos_weight, grad_scale, threshold, reduce_rows,
                          compute_grad, return_probs, count):
     rows, classes = logits.shape
-    loss = logits.new_empty((rows,), dtype=torch.float32) if reduce_rows \
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    loss = logits.new_empty((rows,), dtype=acc) if reduce_rows \
         else logits.new_empty((rows, classes))
     grad = logits.new_empty((rows, classes)) if compute_grad else _empty(logits)
     labels = logits.new_empty((rows, classes), dtype=torch.bool) if threshold is not None \

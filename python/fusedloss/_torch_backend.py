@@ -39,7 +39,7 @@ class TorchOps:
         pred, conf = _empty(logits, torch.int64), _empty(logits, torch.float32)
         if decode:
             pred, conf = ref.softmax_decode(logits, softcap)
-        return loss.float(), lse.float(), grad, pred, conf
+        return loss, lse, grad, pred, conf
 
     @staticmethod
     def softmax_ce_fwd_inplace(logits, target, weight, grad_scale, ignore_index, label_smoothing,
@@ -64,7 +64,7 @@ class TorchOps:
     def sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold, reduce_rows,
                         compute_grad, return_probs, count):
         elem = ref.sigmoid_bce_elem(logits, target, weight, pos_weight)
-        loss = elem.sum(-1).float() if reduce_rows else elem.to(logits.dtype)
+        loss = elem.sum(-1) if reduce_rows else elem.to(logits.dtype)
         grad = _empty(logits)
         if compute_grad:
             g = torch.ones((), dtype=torch.float32, device=logits.device) if grad_scale is None \
