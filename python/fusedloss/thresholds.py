@@ -33,9 +33,13 @@ Conventions (all metrics are in [0, 1], higher is better):
 - Where several cuts reach the same metric value, the lowest one (most predicted positives,
   highest recall) is returned.
 - Cut placement: between two adjacent distinct scores a < b the threshold is their midpoint,
-  rounded into [a, b) in the result dtype so that `x > t` reproduces the cut exactly. The cut
-  below every score ("predict all") is the largest representable value below the minimum; the
-  cut above every score ("predict none") is the maximum itself (strict rule).
+  rounded into [a, b) in the result dtype so that `x > t` reproduces the cut exactly. The end
+  cuts keep a margin so that they survive conversion between logit and probability space:
+  for logits, "predict all" is the minimum minus 1 and "predict none" the maximum plus 1; for
+  probabilities they are the midpoints with the outer bounds 0 and 1 (minimum / 2 and
+  (maximum + 1) / 2). Where the margin is lost to rounding the cut is the next float below
+  the minimum (a minimum probability of 0 gives a negative cut, logit -inf) or the maximum
+  itself (a maximum probability of 1 gives the cut 1, logit +inf).
 """
 
 from __future__ import annotations
@@ -144,6 +148,27 @@ def _below(x: Tensor) -> Tensor:
     return torch.nextafter(x, torch.full_like(x, -torch.inf))
 
 
+def _below_all(lowest: Tensor, from_logits: bool) -> Tensor:
+    """The "predict all" cut: 1 below the lowest logit, or midway between 0 and the lowest
+    probability.
+
+    A margin (rather than the next float down) keeps the cut on the same side of the data
+    after conversion between logit and probability space. Where the margin is lost to
+    rounding (|logit| >= 2**25 in float32) or the lowest probability is 0, the next
+    representable value below is used (for probabilities a negative cut, logit -inf).
+    """
+    cut = lowest - 1.0 if from_logits else 0.5 * lowest
+    return torch.where(cut < lowest, cut, _below(lowest))
+
+
+def _above_all(highest: Tensor, from_logits: bool) -> Tensor:
+    """The "predict none" cut: 1 above the highest logit, or midway between the highest
+    probability and 1; the highest score itself where the margin is lost to rounding (the
+    rule is strict, so nothing is predicted; a probability cut of 1 has logit +inf)."""
+    cut = highest + 1.0 if from_logits else 0.5 * highest + 0.5
+    return torch.where(cut > highest, cut, highest)
+
+
 def _midpoint_cut(a: Tensor, b: Tensor) -> Tensor:
     """A threshold t with a <= t < b (a < b elementwise): the midpoint, rounded into [a, b).
 
@@ -189,7 +214,8 @@ def _prepare(scores: Tensor, targets: Tensor, from_logits: bool):
     return x.reshape(-1, c), pos.reshape(-1, c)
 
 
-def _tune_sorted(x: Tensor, pos: Tensor, metric: str, beta: float, min_recall: float | None):
+def _tune_sorted(x: Tensor, pos: Tensor, metric: str, beta: float, min_recall: float | None,
+                 from_logits: bool):
     """Exact tuning of every column of x (N, C). Returns (cut (C,), score (C,), counts (3, C))."""
     n = x.shape[0]
     vals, order = torch.sort(x, dim=0)
@@ -214,8 +240,8 @@ def _tune_sorted(x: Tensor, pos: Tensor, metric: str, beta: float, min_recall: f
     # Threshold of cut k: below min (k = 0), at max (k = N), else the midpoint of its neighbours.
     lo = vals.gather(0, (best - 1).clamp(min=0)[None])[0]
     hi = vals.gather(0, best.clamp(max=n - 1)[None])[0]
-    cut = torch.where(best == 0, _below(vals[0]),
-                      torch.where(best == n, vals[-1], _midpoint_cut(lo, torch.maximum(hi, lo))))
+    cut = torch.where(best == 0, _below_all(vals[0], from_logits),
+                      torch.where(best == n, _above_all(vals[-1], from_logits), _midpoint_cut(lo, torch.maximum(hi, lo))))
     counts = torch.stack([tp.gather(0, best[None])[0], fp.gather(0, best[None])[0],
                           fn.gather(0, best[None])[0]])
     return cut, best_score, counts
@@ -261,14 +287,14 @@ def tune_thresholds(scores: Tensor, targets: Tensor, metric: str = "f1", *, beta
     n, c = x.shape
     if average == "micro":
         cut, score, counts = _tune_sorted(x.reshape(-1, 1), pos.reshape(-1, 1), metric, beta,
-                                          min_recall)
+                                          min_recall, from_logits)
         tuned = _finish(cut, score, counts, from_logits)
         return TunedThresholds(tuned.logit_threshold.expand(c).clone(),
                                tuned.threshold.expand(c).clone(), tuned.score.expand(c).clone(),
                                _micro_counts_per_class(x, pos, cut))
     step = max(1, _CHUNK_ELEMENTS // (n + 1))
-    parts = [_tune_sorted(x[:, i:i + step], pos[:, i:i + step], metric, beta, min_recall)
-             for i in range(0, c, step)]
+    parts = [_tune_sorted(x[:, i:i + step], pos[:, i:i + step], metric, beta, min_recall,
+                          from_logits) for i in range(0, c, step)]
     cut = torch.cat([p[0] for p in parts])
     score = torch.cat([p[1] for p in parts])
     counts = torch.cat([p[2] for p in parts], 1)
