@@ -1,0 +1,238 @@
+"""Sigmoid binary cross-entropy with logits in Triton: forward (+ gradient, labels, probs,
+confusion counts), backward, decoding. Semantics: docs/OPS.md `sigmoid_bce_fwd`,
+`sigmoid_bce_bwd`, `sigmoid_decode`.
+
+Math, elementwise with x the logit, y the target, p = pos_weight (1 if absent), w = weight:
+    loss = w ((1 - y) x + (1 + (p - 1) y) softplus(-x)),
+    softplus(-x) = max(-x, 0) + log1p(exp(-|x|))            (no overflow for |x| up to 1e4)
+    d loss / dx = w ((p y + 1 - y) sigmoid(x) - p y)
+because d softplus(-x)/dx = -(1 - sigmoid(x)), so
+    d/dx = w ((1 - y) - (1 + (p - 1) y)(1 - sigmoid(x))) = w ((p y + 1 - y) sigmoid(x) - p y).
+sigmoid(x) is computed from e = exp(-|x|) as 1/(1+e) or e/(1+e), never exp(+large).
+
+Layout: a 2-D grid of (BLOCK_R-row band, column chunk) programs; each loops over its chunk in
+(BLOCK_R, BLOCK_C) tiles. Row sums (reduce_rows) are accumulated in registers per chunk and
+written as (chunks, R) fp32 partials summed by the launcher (deterministic, no float atomics).
+Confusion counts are integer atomics (deterministic whatever the order).
+
+Targets: the logits' float dtype, or bool / uint8 read as bytes (a bool tensor is viewed as
+uint8: no conversion copy). weight, pos_weight and the backward's grad_loss are read through
+their own (row, column) strides, so broadcast (stride-0) views cost no copy.
+
+Compile-time switches (one compiled specialisation each, all compiled by
+scripts/triton_aot_check.py): TARGET (0 none / 1 float / 2 bytes: pointer types), LOSS (0 none
+/ 1 elementwise / 2 row sums), GRAD, ACC. Runtime 0/1 switches (uniform branches): weight,
+pos_weight, grad scale, labels, probs, counts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, bce_config, interpreting, log1p_small
+
+_NO_SPECIALIZE = ["R", "C", "cols_per_prog", "has_w", "has_pw", "has_scale", "labels", "probs",
+                  "count", "sy_r", "sy_c", "sw_r", "sw_c", "sp_r", "sp_c", "sg_r", "sg_c"]
+
+# Columns per program on a GPU: 8 tiles of BCE_TILE[1]; assumption (not measured here): enough
+# work to amortise a program's start, and cdiv(C, 8192) chunks keep an 8-row, 256k-class batch
+# spread over 32 programs per row band instead of one.
+_TILES_PER_PROGRAM = 8
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _sigmoid_bce_kernel(
+    x_ptr, sx_r,                 # logits (R, C), columns contiguous
+    y_ptr, sy_r, sy_c,           # target (TARGET != 0)
+    w_ptr, sw_r, sw_c,           # weight (has_w)
+    pw_ptr, sp_r, sp_c,          # pos_weight (has_pw)
+    g_ptr, sg_r, sg_c,           # grad scale: 0-dim (strides 0) or grad_loss (R, C) (has_scale)
+    thr_ptr,                     # (C,) fp32 logit-space thresholds (labels / count)
+    loss_ptr,                    # LOSS 1: (R, C) contiguous; LOSS 2: (chunks, R) fp32 partials
+    grad_ptr,                    # (R, C) contiguous (GRAD)
+    labels_ptr, probs_ptr,       # (R, C) uint8 / logits dtype, contiguous
+    counts_ptr,                  # (3, C) int64, zero-initialised: TP, FP, FN
+    R, C, cols_per_prog,
+    has_w, has_pw, has_scale, labels, probs, count,
+    TARGET: tl.constexpr, LOSS: tl.constexpr, GRAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    band = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1).to(tl.int64)
+    rows = band * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+    row_ok = rows < R
+    r2 = rows[:, None]
+    c_begin = chunk * cols_per_prog
+    c_end = tl.minimum(c_begin + cols_per_prog, C)
+    row_sum = tl.zeros([BLOCK_R], ACC)
+    for start in range(c_begin, c_end, BLOCK_C):
+        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
+        c_ok = cols < c_end
+        c2 = cols[None, :]
+        mask = row_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + r2 * sx_r + c2, mask=mask, other=0.0).to(ACC)
+        out = r2 * C + c2  # contiguous (R, C) outputs
+        e = tl.exp(-tl.abs(x))
+        sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        if TARGET != 0:
+            y = tl.load(y_ptr + r2 * sy_r + c2 * sy_c, mask=mask, other=0).to(ACC)
+            w = tl.full([BLOCK_R, BLOCK_C], 1.0, ACC)
+            if has_w != 0:
+                w = tl.load(w_ptr + r2 * sw_r + c2 * sw_c, mask=mask, other=0.0).to(ACC)
+            py = y
+            if has_pw != 0:
+                py = tl.load(pw_ptr + r2 * sp_r + c2 * sp_c, mask=mask, other=0.0).to(ACC) * y
+            if LOSS != 0:
+                softplus_neg = tl.maximum(-x, 0.0) + log1p_small(e)
+                loss = w * ((1.0 - y) * x + (1.0 + py - y) * softplus_neg)
+                if LOSS == 1:
+                    tl.store(loss_ptr + out, loss.to(loss_ptr.dtype.element_ty), mask=mask)
+                else:
+                    row_sum += tl.sum(tl.where(mask, loss, 0.0), axis=1)
+            if GRAD:
+                dx = w * ((py + 1.0 - y) * sig - py)
+                if has_scale != 0:
+                    dx = dx * tl.load(g_ptr + r2 * sg_r + c2 * sg_c, mask=mask, other=0.0).to(ACC)
+                tl.store(grad_ptr + out, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+        if probs != 0:
+            tl.store(probs_ptr + out, sig.to(probs_ptr.dtype.element_ty), mask=mask)
+        if labels != 0:
+            thr = tl.load(thr_ptr + cols, mask=c_ok, other=0.0).to(ACC)
+            lab = x > thr[None, :]  # strict: a logit exactly at the threshold is negative
+            tl.store(labels_ptr + out, lab.to(tl.uint8), mask=mask)
+            if TARGET != 0:
+                if count != 0:
+                    # 0/1 integers, so the sums are exact and order-independent
+                    m01 = mask.to(tl.int32)
+                    lab01 = lab.to(tl.int32) * m01
+                    pos01 = (y > 0.5).to(tl.int32) * m01
+                    tp = tl.sum(lab01 * pos01, axis=0)
+                    fp = tl.sum(lab01 * (m01 - pos01), axis=0)
+                    fn = tl.sum((m01 - lab01) * pos01, axis=0)
+                    tl.atomic_add(counts_ptr + cols, tp.to(tl.int64), mask=c_ok)
+                    tl.atomic_add(counts_ptr + C + cols, fp.to(tl.int64), mask=c_ok)
+                    tl.atomic_add(counts_ptr + 2 * C + cols, fn.to(tl.int64), mask=c_ok)
+    if LOSS == 2:
+        tl.store(loss_ptr + chunk * R + rows, row_sum.to(tl.float32), mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (op signatures of csrc/ops.cpp; custom-op wrappers in python/fusedloss/_triton.py).
+
+
+def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype or like.dtype, device=like.device)
+
+
+def _strides2(t):
+    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
+
+
+def _as_kernel_target(target, logits):
+    """bool -> uint8 view (free); the logits' float dtype and uint8 pass through."""
+    if target.dtype == torch.bool:
+        return target.view(torch.uint8), 2
+    if target.dtype == torch.uint8:
+        return target, 2
+    if target.dtype != logits.dtype:  # outside the contract; correct but costs a copy
+        target = target.to(logits.dtype)
+    return target, 1
+
+
+def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, labels, probs,
+            counts, *, loss_mode, tile=None):
+    rows, classes = logits.shape
+    if rows == 0 or classes == 0:
+        return None
+    block_r, block_c, warps = bce_config()
+    if tile is not None:
+        block_r, block_c = tile
+    cols_per_prog = block_c * (1 if interpreting() else _TILES_PER_PROGRAM)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(classes, cols_per_prog))
+    partial = None
+    if loss_mode == 2:
+        partial = torch.empty((grid[1], rows), dtype=torch.float32, device=logits.device)
+    kind = 0
+    if target is not None:
+        target, kind = _as_kernel_target(target, logits)
+    dummy = logits
+    _sigmoid_bce_kernel[grid](
+        logits, logits.stride(0),
+        target if target is not None else dummy, *_strides2(target),
+        weight if weight is not None else dummy, *_strides2(weight),
+        pos_weight if pos_weight is not None else dummy, *_strides2(pos_weight),
+        scale if scale is not None else dummy,
+        *((scale.stride(0), scale.stride(1)) if scale is not None and scale.dim() == 2
+          else (0, 0)),
+        threshold if threshold is not None else dummy,
+        partial if partial is not None else (loss if loss is not None else dummy),
+        grad if grad is not None else dummy,
+        labels.view(torch.uint8) if labels is not None else dummy,
+        probs if probs is not None else dummy,
+        counts if counts is not None else dummy,
+        rows, classes, cols_per_prog,
+        int(weight is not None), int(pos_weight is not None), int(scale is not None),
+        int(labels is not None), int(probs is not None), int(counts is not None),
+        TARGET=kind, LOSS=loss_mode, GRAD=grad is not None, ACC=acc_dtype(logits.dtype),
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+    )
+    return partial
+
+
+def _like(logits, dtype=None):
+    return torch.empty(logits.shape, dtype=dtype or logits.dtype, device=logits.device)
+
+
+def _same_dtype(t, logits):
+    return t if t is None or t.dtype == logits.dtype else t.to(logits.dtype)
+
+
+def sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold, reduce_rows,
+                    compute_grad, return_probs, count, *, tile=None):
+    rows, classes = logits.shape
+    if count and threshold is None:
+        raise ValueError("sigmoid_bce_fwd: count=True requires a threshold (got threshold=None)")
+    weight, pos_weight = _same_dtype(weight, logits), _same_dtype(pos_weight, logits)
+    thr = None if threshold is None else threshold.to(torch.float32).contiguous()
+    if reduce_rows:
+        loss = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+    else:
+        loss = _like(logits)
+    grad = _like(logits) if compute_grad else None
+    labels = _like(logits, torch.bool) if thr is not None else None
+    probs = _like(logits) if return_probs else None
+    counts = torch.zeros((3, classes), dtype=torch.int64, device=logits.device) if count else None
+    scale = None if grad_scale is None else grad_scale.to(torch.float32)
+    partial = _launch(logits, target, weight, pos_weight, scale, thr, loss, grad, labels,
+                      probs, counts, loss_mode=2 if reduce_rows else 1, tile=tile)
+    if partial is not None:
+        loss = partial.sum(0) if partial.shape[0] > 1 else partial[0]
+    return (loss,
+            grad if grad is not None else _empty(logits),
+            labels if labels is not None else _empty(logits, torch.bool),
+            probs if probs is not None else _empty(logits),
+            counts if counts is not None else _empty(logits, torch.int64))
+
+
+def sigmoid_bce_bwd(grad_loss, logits, target, weight, pos_weight, *, tile=None):
+    weight, pos_weight = _same_dtype(weight, logits), _same_dtype(pos_weight, logits)
+    # grad_loss is read with its own strides; dtypes other than the logits' and fp32 are
+    # converted (not expected from autograd, where it has the loss's dtype = the logits').
+    if grad_loss.dtype not in (logits.dtype, torch.float32):
+        grad_loss = grad_loss.to(torch.float32)
+    grad_loss = grad_loss.expand(logits.shape)
+    grad = _like(logits)
+    _launch(logits, target, weight, pos_weight, grad_loss, None, None, grad, None, None, None,
+            loss_mode=0, tile=tile)
+    return grad
+
+
+def sigmoid_decode(logits, threshold, return_probs, *, tile=None):
+    thr = threshold.to(torch.float32).contiguous()
+    labels = _like(logits, torch.bool)
+    probs = _like(logits) if return_probs else None
+    _launch(logits, None, None, None, None, thr, None, None, labels, probs, None, loss_mode=0,
+            tile=tile)
+    return labels, probs if probs is not None else _empty(logits)

@@ -1,0 +1,326 @@
+"""Softmax cross-entropy in Triton: forward (+ gradient, + decoding), backward, decoding.
+
+Semantics are docs/OPS.md's `softmax_ce_fwd`, `softmax_ce_fwd_inplace`, `softmax_ce_bwd` and
+`softmax_decode`; the math is derived below, once.
+
+Layout: one program per row, looping over the row in blocks of BLOCK columns, so any vocabulary
+(256k classes and beyond) works with a bounded register tile. Pass 1 keeps an online
+(max, sum-of-exp) pair plus the sums the loss needs; pass 2 (only when a gradient is wanted)
+reads the row again and writes the gradient. Accumulation is fp32 (fp64 for fp64 logits); the
+row offset is computed in int64 (program id cast before multiplying by the stride).
+
+Math, per row with z = cap * tanh(x / cap) when soft-capping else z = x:
+    lse = m + log(s),  m = max_c z,  s = sum_c exp(z_c - m),  p_c = exp(z_c - lse)
+Loss sums are kept relative to the running reference r (the max so far), which avoids the
+cancellation of W * lse - sum_c w_c z_c for large logits:
+    A = sum_c v_c (z_c - r),  V = sum_c v_c   =>  sum_c v_c (lse - z_c) = V log(s) - A
+(when r moves to r', A -= (r' - r) V), with v_c = w_c for the smoothing term of class-index
+targets and v_c = w_c y'_c (y' = (1-eps) y + eps/C) for probability targets. So
+    index:  loss = (1-eps) w_t (lse - z_t) + (eps/C) (W log s - A) + zs lse^2
+    probs:  loss = S log s - A + zs lse^2,  S = sum_c w_c y'_c
+and the gradient of the loss w.r.t. z (d lse / d z_c = p_c; d zs lse^2 = 2 zs lse p_c):
+    index:  dz_c = p_c ((1-eps) w_t + (eps/C) W + 2 zs lse) - (1-eps) w_t [c == t] - (eps/C) w_c
+    probs:  dz_c = p_c (S + 2 zs lse) - w_c y'_c
+    softcap: dx_c = dz_c * dz/dx = dz_c (1 - (z_c / cap)^2)
+times g (grad_scale, or the per-row incoming gradient in backward). Ignored rows: loss 0,
+gradient exactly 0 (a `where`, not a product, so an infinite g cannot make NaN).
+
+Out-of-range class index t (not ignore_index, outside [0, C)): the kernel never dereferences
+it; it writes loss = NaN and a NaN gradient row, because raising would need a host sync.
+The launchers additionally raise IndexError("Target <v> is out of bounds.") when the
+tensors are on the CPU (interpreter), where checking costs no device sync.
+
+Compile-time switches (each value is one compiled specialisation; all are compiled ahead of
+time by scripts/triton_aot_check.py): TARGET (0 none / 1 class index / 2 probabilities: they
+are different pointer types), HAS_WEIGHT and SOFTCAP (change per-element work), FORWARD
+(compute lse and loss; off in backward, which reads the saved lse), GRAD (write the gradient),
+ACC (fp32 / fp64). Scalars that only change per-row arithmetic or a uniform branch are
+runtime arguments and do not multiply the specialisations: label smoothing, z-loss, decoding
+and the grad-scale pointer.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, interpreting, softmax_config, tanh
+
+# Runtime switches and C: Triton would otherwise specialise an int equal to 1 into a constant
+# (one more compiled variant, and `C.to(...)` breaks on a constant).
+_NO_SPECIALIZE = ["C", "ignore_index", "smooth", "need_v", "decode", "has_scale", "scale_stride"]
+_INF = tl.constexpr(float("inf"))
+_NAN = tl.constexpr(float("nan"))
+_BIG = tl.constexpr(2147483647)  # "no index yet" for argmin-style reductions (C < 2^31)
+
+
+@triton.jit
+def _capped(x, cap, SOFTCAP: tl.constexpr):
+    if SOFTCAP:
+        return cap * tanh(x / cap)
+    return x
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _softmax_ce_kernel(
+    x_ptr, x_stride,            # logits (R, C), row stride (columns contiguous)
+    t_ptr, t_stride,            # target: (R,) int64 or (R, C) probabilities with row stride
+    w_ptr,                      # class weight (C,) (any pointer when HAS_WEIGHT is off)
+    scale_ptr, scale_stride,    # fp32 grad scale: 0-dim (stride 0) or per row (backward)
+    lse_ptr,                    # (R,) fp32: written when FORWARD, read otherwise
+    loss_ptr,                   # (R,) fp32 (FORWARD)
+    grad_ptr, grad_stride,      # (R, C) gradient, may alias x_ptr (in-place) (GRAD)
+    pred_ptr, conf_ptr,         # (R,) int64 / fp32 (decode)
+    C, ignore_index, eps, zs, cap,
+    smooth, need_v, decode, has_scale,  # runtime 0/1 switches
+    TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    FORWARD: tl.constexpr, GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    offs = tl.arange(0, BLOCK)
+    inv_c = 1.0 / C.to(ACC)
+
+    # Class-index target: its logit and weight are read directly (no pass over the row).
+    ignored = False
+    bad = False
+    t = 0
+    if TARGET == 1:
+        t = tl.load(t_ptr + row)
+        ignored = t == ignore_index
+        bad = (t != ignore_index) & ((t < 0) | (t >= C))
+        t = tl.where(ignored | bad, 0, t)  # safe index: never dereference an invalid target
+
+    # ---- pass 1: online max / sum-of-exp, loss sums, argmax -------------------------------
+    m = tl.full([], -_INF, ACC)           # running max of the non-NaN z
+    s = tl.zeros([], ACC)                # sum exp(z - r), r = finite(m)
+    a = tl.zeros([], ACC)                # A = sum v (z - r)
+    v_sum = tl.zeros([], ACC)            # V = sum v  (W for smoothing, S for probabilities)
+    best = tl.full([], -_INF, ACC)
+    best_idx = tl.zeros([], tl.int32)
+    nan_idx = tl.full([], _BIG, tl.int32)
+    # need_v: the V/A sums are needed (probability targets, or smoothing). Backward (not
+    # FORWARD) only needs V, so it skips the pass entirely without them.
+    n_pass1 = C if FORWARD else C * need_v
+    for start in range(0, n_pass1, BLOCK):
+        cols = start + offs
+        mask = cols < C
+        if FORWARD:
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+            z = tl.where(mask, _capped(x, cap, SOFTCAP), -_INF)
+            is_nan = z != z
+            z_num = tl.where(is_nan, -_INF, z)
+            b_max = tl.max(z_num, axis=0)
+            if decode != 0:
+                nan_idx = tl.minimum(nan_idx, tl.min(tl.where(is_nan, cols, _BIG), axis=0))
+                b_idx = tl.min(tl.where(z_num == b_max, cols, _BIG), axis=0)
+                take = b_max > best  # strict: an earlier block wins a tie
+                best_idx = tl.where(take, b_idx, best_idx)
+                best = tl.where(take, b_max, best)
+            m_new = tl.maximum(m, b_max)
+            r_old = tl.where(tl.abs(m) < _INF, m, 0.0)
+            r_new = tl.where(tl.abs(m_new) < _INF, m_new, 0.0)
+            alpha = tl.where(m == -_INF, 0.0, tl.exp(r_old - r_new))
+            s = s * alpha + tl.sum(tl.exp(z - r_new), axis=0)
+            m = m_new
+        if need_v != 0:
+            if HAS_WEIGHT:
+                v = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+            else:
+                v = tl.where(mask, 1.0, 0.0).to(ACC)
+            if TARGET == 2:
+                y = tl.load(t_ptr + row * t_stride + cols, mask=mask, other=0.0).to(ACC)
+                v = tl.where(mask, v * (y * (1.0 - eps) + eps * inv_c), 0.0)
+            if FORWARD:
+                a = a - (r_new - r_old) * v_sum + tl.sum(v * tl.where(mask, z - r_new, 0.0), axis=0)
+            v_sum += tl.sum(v, axis=0)
+
+    w_t = 1.0
+    if TARGET == 1:
+        if HAS_WEIGHT:
+            w_t = tl.load(w_ptr + t).to(ACC)
+    if FORWARD:
+        r = tl.where(tl.abs(m) < _INF, m, 0.0)
+        log_s = tl.log(s)
+        lse = r + log_s
+        tl.store(lse_ptr + row, lse.to(tl.float32))
+        if TARGET == 1:
+            z_t = _capped(tl.load(x_row + t).to(ACC), cap, SOFTCAP)
+            loss = (1.0 - eps) * w_t * (lse - z_t)
+            if smooth != 0:
+                loss += eps * inv_c * (v_sum * log_s - a)
+        else:
+            loss = v_sum * log_s - a
+        if zs != 0.0:
+            loss += zs * lse * lse
+        if TARGET == 1:
+            loss = tl.where(ignored, 0.0, tl.where(bad, _NAN, loss))
+        if TARGET != 0:
+            tl.store(loss_ptr + row, loss.to(tl.float32))
+        if decode != 0:
+            pred = tl.where(nan_idx < _BIG, nan_idx, best_idx)
+            tl.store(pred_ptr + row, pred.to(tl.int64))
+            tl.store(conf_ptr + row, tl.exp(best - lse).to(tl.float32))
+    else:
+        lse = tl.load(lse_ptr + row).to(ACC)
+
+    # ---- pass 2: gradient -----------------------------------------------------------------
+    if GRAD:
+        g = tl.full([], 1.0, ACC)
+        if has_scale != 0:
+            g = tl.load(scale_ptr + row * scale_stride).to(ACC)
+        if TARGET == 1:
+            coef = (1.0 - eps) * w_t + 2.0 * zs * lse
+            if smooth != 0:
+                coef += eps * inv_c * v_sum
+        else:
+            coef = v_sum + 2.0 * zs * lse
+        g_row = grad_ptr + row * grad_stride
+        for start in range(0, C, BLOCK):
+            cols = start + offs
+            mask = cols < C
+            x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+            z = _capped(x, cap, SOFTCAP)
+            dz = tl.exp(z - lse) * coef
+            if TARGET == 1:
+                dz -= tl.where(cols == t, (1.0 - eps) * w_t, 0.0)
+                if smooth != 0:
+                    if HAS_WEIGHT:
+                        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+                        dz -= eps * inv_c * w
+                    else:
+                        dz -= eps * inv_c
+            else:
+                if HAS_WEIGHT:
+                    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+                else:
+                    w = tl.full([BLOCK], 1.0, ACC)
+                y = tl.load(t_ptr + row * t_stride + cols, mask=mask, other=0.0).to(ACC)
+                dz -= w * (y * (1.0 - eps) + eps * inv_c)
+            if SOFTCAP:
+                q = z / cap
+                dz = dz * (1.0 - q * q)
+            out = g * dz
+            if TARGET == 1:
+                out = tl.where(ignored, 0.0, tl.where(bad, _NAN, out))
+            tl.store(g_row + cols, out.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (the op signatures of csrc/ops.cpp; the custom-op wrappers live in
+# python/fusedloss/_triton.py).
+
+
+def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
+    return torch.empty(0, dtype=dtype or like.dtype, device=like.device)
+
+
+def _check_targets_on_cpu(target, ignore_index: int, num_classes: int) -> None:
+    """The interpreter runs on CPU tensors, where a range check needs no device sync."""
+    if target.device.type != "cpu" or target.dim() != 1 or target.numel() == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+
+
+def _launch(logits, target, weight, scale, scale_stride, lse, loss, grad, pred, conf,
+            ignore_index, label_smoothing, lse_square_scale, softcap, decode, *,
+            target_kind, forward, compute_grad, block=None):
+    rows, classes = logits.shape
+    if rows == 0:
+        return
+    if classes == 0:  # nothing to read: lse = -inf, loss 0 (empty sums), no gradient entries
+        if forward:
+            lse.fill_(float("-inf"))
+            loss.zero_()
+            if decode:
+                pred.zero_()
+                conf.fill_(_NAN)
+        return
+    blk, warps = softmax_config(classes, logits.element_size())
+    if block is not None:
+        blk = block
+    _softmax_ce_kernel[(rows,)](
+        logits, logits.stride(0),
+        target if target is not None else logits,
+        target.stride(0) if target is not None and target.dim() == 2 else 0,
+        weight if weight is not None else logits,
+        scale if scale is not None else lse, scale_stride,
+        lse, loss if loss is not None else lse,
+        grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
+        pred if decode else lse, conf if decode else lse,
+        classes, int(ignore_index), float(label_smoothing), float(lse_square_scale),
+        float(softcap) if softcap > 0 else 1.0,
+        int(label_smoothing > 0), int(target_kind == 2 or label_smoothing > 0), int(bool(decode)),
+        int(scale is not None),
+        TARGET=target_kind, HAS_WEIGHT=weight is not None, SOFTCAP=softcap > 0,
+        FORWARD=forward, GRAD=compute_grad, ACC=acc_dtype(logits.dtype), BLOCK=blk,
+        num_warps=warps,
+    )
+
+
+def _target_kind(target) -> int:
+    return 2 if target.dim() == 2 else 1
+
+
+def _forward(logits, target, weight, grad_scale, ignore_index, label_smoothing,
+             lse_square_scale, softcap, grad, decode, block):
+    rows, classes = logits.shape
+    if target.dim() == 1:
+        _check_targets_on_cpu(target, ignore_index, classes)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    loss = torch.empty(rows, **f32)
+    lse = torch.empty(rows, **f32)
+    pred = torch.empty(rows, dtype=torch.int64, device=logits.device) if decode \
+        else _empty(logits, torch.int64)
+    conf = torch.empty(rows, **f32) if decode else _empty(logits, torch.float32)
+    scale = None if grad_scale is None else grad_scale.to(torch.float32)
+    _launch(logits, target, weight, scale, 0, lse, loss, grad, pred, conf, ignore_index,
+            label_smoothing, lse_square_scale, softcap, decode,
+            target_kind=_target_kind(target), forward=True, compute_grad=grad is not None,
+            block=block)
+    return loss, lse, pred, conf
+
+
+def softmax_ce_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing,
+                   lse_square_scale, softcap, compute_grad, decode, *, block=None):
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) \
+        if compute_grad else None
+    loss, lse, pred, conf = _forward(logits, target, weight, grad_scale, ignore_index,
+                                     label_smoothing, lse_square_scale, softcap, grad, decode,
+                                     block)
+    return loss, lse, grad if compute_grad else _empty(logits), pred, conf
+
+
+def softmax_ce_fwd_inplace(logits, target, weight, grad_scale, ignore_index, label_smoothing,
+                           lse_square_scale, softcap, decode, *, block=None):
+    # Pass 2 loads each block of the row before it stores that block's gradient over it.
+    return _forward(logits, target, weight, grad_scale, ignore_index, label_smoothing,
+                    lse_square_scale, softcap, logits, decode, block)
+
+
+def softmax_ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing,
+                   lse_square_scale, softcap, *, block=None):
+    rows, classes = logits.shape
+    if target.dim() == 1:
+        _check_targets_on_cpu(target, ignore_index, classes)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    # (R,) incoming gradient of any float dtype and stride: read as fp32 with its own stride.
+    g = grad_loss if grad_loss.dtype == torch.float32 else grad_loss.to(torch.float32)
+    _launch(logits, target, weight, g, g.stride(0) if g.dim() == 1 else 0,
+            lse.to(torch.float32), None, grad, None, None, ignore_index, label_smoothing,
+            lse_square_scale, softcap, False, target_kind=_target_kind(target),
+            forward=False, compute_grad=True, block=block)
+    return grad
+
+
+def softmax_decode(logits, softcap, *, block=None):
+    rows = logits.shape[0]
+    pred = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    conf = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    _launch(logits, None, None, None, 0, lse, None, None, pred, conf, -100, 0.0, 0.0,
+            softcap, True, target_kind=0, forward=True, compute_grad=False, block=block)
+    return pred, conf
