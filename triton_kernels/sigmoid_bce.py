@@ -12,7 +12,7 @@ sigmoid(x) is computed from e = exp(-|x|) as 1/(1+e) or e/(1+e), never exp(+larg
 
 Layout: a 2-D grid of (BLOCK_R-row band, column chunk) programs; each loops over its chunk in
 (BLOCK_R, BLOCK_C) tiles. Row sums (reduce_rows) are accumulated in registers per chunk and
-written as (chunks, R) fp32 partials summed by the launcher (deterministic, no float atomics).
+written as (chunks, R) partials (fp64 for fp64 logits) summed by the launcher (deterministic, no float atomics).
 Confusion counts are integer atomics (deterministic whatever the order).
 
 Targets: the logits' float dtype, or bool / uint8 read as bytes (a bool tensor is viewed as
@@ -50,7 +50,7 @@ def _sigmoid_bce_kernel(
     pw_ptr, sp_r, sp_c,          # pos_weight (has_pw)
     g_ptr, sg_r, sg_c,           # grad scale: 0-dim (strides 0) or grad_loss (R, C) (has_scale)
     thr_ptr,                     # (C,) fp32 logit-space thresholds (labels / count)
-    loss_ptr,                    # LOSS 1: (R, C) contiguous; LOSS 2: (chunks, R) fp32 partials
+    loss_ptr,                    # LOSS 1: (R, C) contiguous; LOSS 2: (chunks, R) ACC-dtype partials
     grad_ptr,                    # (R, C) contiguous (GRAD)
     labels_ptr, probs_ptr,       # (R, C) uint8 / logits dtype, contiguous
     counts_ptr,                  # (3, C) int64, zero-initialised: TP, FP, FN
@@ -115,7 +115,7 @@ def _sigmoid_bce_kernel(
                     tl.atomic_add(counts_ptr + C + cols, fp.to(tl.int64), mask=c_ok)
                     tl.atomic_add(counts_ptr + 2 * C + cols, fn.to(tl.int64), mask=c_ok)
     if LOSS == 2:
-        tl.store(loss_ptr + chunk * R + rows, row_sum.to(tl.float32), mask=row_ok)
+        tl.store(loss_ptr + chunk * R + rows, row_sum.to(loss_ptr.dtype.element_ty), mask=row_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +153,8 @@ def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, la
     grid = (triton.cdiv(rows, block_r), triton.cdiv(classes, cols_per_prog))
     partial = None
     if loss_mode == 2:
-        partial = torch.empty((grid[1], rows), dtype=torch.float32, device=logits.device)
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        partial = torch.empty((grid[1], rows), dtype=acc, device=logits.device)
     kind = 0
     if target is not None:
         target, kind = _as_kernel_target(target, logits)
@@ -197,7 +198,8 @@ def sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold, r
     weight, pos_weight = _same_dtype(weight, logits), _same_dtype(pos_weight, logits)
     thr = None if threshold is None else threshold.to(torch.float32).contiguous()
     if reduce_rows:
-        loss = torch.zeros(rows, dtype=torch.float32, device=logits.device)
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        loss = torch.zeros(rows, dtype=acc, device=logits.device)
     else:
         loss = _like(logits)
     grad = _like(logits) if compute_grad else None

@@ -67,9 +67,9 @@ def _softmax_ce_kernel(
     x_ptr, x_stride,            # logits (R, C), row stride (columns contiguous)
     t_ptr, t_stride,            # target: (R,) int64 or (R, C) probabilities with row stride
     w_ptr,                      # class weight (C,) (any pointer when HAS_WEIGHT is off)
-    scale_ptr, scale_stride,    # fp32 grad scale: 0-dim (stride 0) or per row (backward)
-    lse_ptr,                    # (R,) fp32: written when FORWARD, read otherwise
-    loss_ptr,                   # (R,) fp32 (FORWARD)
+    scale_ptr, scale_stride,    # grad scale: 0-dim (stride 0) or per row (backward), ACC dtype
+    lse_ptr,                    # (R,) ACC dtype: written when FORWARD, read otherwise
+    loss_ptr,                   # (R,) ACC dtype (FORWARD)
     grad_ptr, grad_stride,      # (R, C) gradient, may alias x_ptr (in-place) (GRAD)
     pred_ptr, conf_ptr,         # (R,) int64 / fp32 (decode)
     C, ignore_index, eps, zs, cap,
@@ -144,7 +144,7 @@ def _softmax_ce_kernel(
         r = tl.where(tl.abs(m) < _INF, m, 0.0)
         log_s = tl.log(s)
         lse = r + log_s
-        tl.store(lse_ptr + row, lse.to(tl.float32))
+        tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
         if TARGET == 1:
             z_t = _capped(tl.load(x_row + t).to(ACC), cap, SOFTCAP)
             loss = (1.0 - eps) * w_t * (lse - z_t)
@@ -157,7 +157,7 @@ def _softmax_ce_kernel(
         if TARGET == 1:
             loss = tl.where(ignored, 0.0, tl.where(bad, _NAN, loss))
         if TARGET != 0:
-            tl.store(loss_ptr + row, loss.to(tl.float32))
+            tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
         if decode != 0:
             pred = tl.where(nan_idx < _BIG, nan_idx, best_idx)
             tl.store(pred_ptr + row, pred.to(tl.int64))
@@ -261,6 +261,10 @@ def _launch(logits, target, weight, scale, scale_stride, lse, loss, grad, pred, 
     )
 
 
+def _acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _target_kind(target) -> int:
     return 2 if target.dim() == 2 else 1
 
@@ -270,13 +274,14 @@ def _forward(logits, target, weight, grad_scale, ignore_index, label_smoothing,
     rows, classes = logits.shape
     if target.dim() == 1:
         _check_targets_on_cpu(target, ignore_index, classes)
-    f32 = dict(dtype=torch.float32, device=logits.device)
-    loss = torch.empty(rows, **f32)
-    lse = torch.empty(rows, **f32)
+    acc = dict(dtype=_acc_torch(logits.dtype), device=logits.device)
+    loss = torch.empty(rows, **acc)
+    lse = torch.empty(rows, **acc)
     pred = torch.empty(rows, dtype=torch.int64, device=logits.device) if decode \
         else _empty(logits, torch.int64)
-    conf = torch.empty(rows, **f32) if decode else _empty(logits, torch.float32)
-    scale = None if grad_scale is None else grad_scale.to(torch.float32)
+    conf = torch.empty(rows, dtype=torch.float32, device=logits.device) if decode \
+        else _empty(logits, torch.float32)
+    scale = None if grad_scale is None else grad_scale.to(acc["dtype"])
     _launch(logits, target, weight, scale, 0, lse, loss, grad, pred, conf, ignore_index,
             label_smoothing, lse_square_scale, softcap, decode,
             target_kind=_target_kind(target), forward=True, compute_grad=grad is not None,
@@ -307,10 +312,11 @@ def softmax_ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_s
     if target.dim() == 1:
         _check_targets_on_cpu(target, ignore_index, classes)
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    # (R,) incoming gradient of any float dtype and stride: read as fp32 with its own stride.
-    g = grad_loss if grad_loss.dtype == torch.float32 else grad_loss.to(torch.float32)
-    _launch(logits, target, weight, g, g.stride(0) if g.dim() == 1 else 0,
-            lse.to(torch.float32), None, grad, None, None, ignore_index, label_smoothing,
+    # (R,) incoming gradient of any float dtype and stride (stride 0 included): read in the
+    # accumulation dtype with its own stride (converting R values is a tiny device op).
+    acc = _acc_torch(logits.dtype)
+    g = grad_loss.to(acc)
+    _launch(logits, target, weight, g, g.stride(0) if g.dim() == 1 else 0, lse.to(acc), None, grad, None, None, ignore_index, label_smoothing,
             lse_square_scale, softcap, False, target_kind=_target_kind(target),
             forward=False, compute_grad=True, block=block)
     return grad
@@ -320,7 +326,7 @@ def softmax_decode(logits, softcap, *, block=None):
     rows = logits.shape[0]
     pred = torch.empty(rows, dtype=torch.int64, device=logits.device)
     conf = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=_acc_torch(logits.dtype), device=logits.device)
     _launch(logits, None, None, None, 0, lse, None, None, pred, conf, -100, 0.0, 0.0,
             softcap, True, target_kind=0, forward=True, compute_grad=False, block=block)
     return pred, conf
