@@ -10,7 +10,9 @@ Gradient strategy (docs/OPS.md, DESIGN.md "Kernel contract"):
   only multiplies it by the incoming gradient, in place, with `scale_grad_`, which does nothing
   when that gradient is 1 (the usual `loss.backward()`).
 - A second backward through the same graph (retain_graph=True) must not scale the buffer twice:
-  it recomputes the gradient from the saved logits and lse instead.
+  it recomputes the gradient from the saved logits and lse instead. The fused gradient buffer
+  is kept on ctx, not in save_for_backward: backward scales it in place, which would otherwise
+  trip the saved-tensor version check on that second backward.
 - "none": the forward saves (logits, target, weight, lse) and backward recomputes the softmax
   from the saved lse (`*_bwd` ops), since the incoming gradient differs per row.
 - inplace_backward=True: the gradient overwrites the logits (softmax_ce_fwd_inplace); the op is
@@ -45,11 +47,13 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             loss, lse, pred, conf = ops.softmax_ce_fwd_inplace(
                 logits, target, weight, grad_scale, *args, decode)
             ctx.save_for_backward(logits, target, weight, lse, grad_scale)
+            ctx.fused_grad = logits
         else:
             loss, lse, grad, pred, conf = ops.softmax_ce_fwd(
                 logits, target, weight, grad_scale, *args, fused_grad, decode)
             if fused_grad:
-                ctx.save_for_backward(logits, target, weight, lse, grad_scale, grad)
+                ctx.save_for_backward(logits, target, weight, lse, grad_scale)
+                ctx.fused_grad = grad
             elif needs_grad:
                 ctx.save_for_backward(logits, target, weight, lse)
         if reduction == "none":
@@ -71,21 +75,20 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if reduction == "none":
             grad_logits = ops.softmax_ce_bwd(grad_out, logits, target, weight, lse, *args)
         elif not ctx.consumed:
-            grad = logits if inplace else saved[5]
-            ops.scale_grad_(grad, grad_out)
-            grad_logits = grad
+            grad_logits = ctx.fused_grad
+            ops.scale_grad_(grad_logits, grad_out)
         elif inplace:
             raise RuntimeError(
                 "fusedloss.cross_entropy(inplace_backward=True): the logits were overwritten "
                 "by the gradient, so backward can run only once (retain_graph=True is not "
                 "supported); use inplace_backward=False")
-        else:  # second backward (retain_graph=True): recompute, don't rescale the buffer
+        else:  # second backward (retain_graph=True): recompute as the forward did, then scale
             grad_scale = saved[4]
-            rows = grad_out.reshape(1).float()
-            if grad_scale is not None:
-                rows = rows * grad_scale
+            rows = torch.ones((), dtype=lse.dtype, device=lse.device) if grad_scale is None \
+                else grad_scale
             grad_logits = ops.softmax_ce_bwd(rows.expand(logits.shape[0]), logits, target,
                                              weight, lse, *args)
+            ops.scale_grad_(grad_logits, grad_out)
         ctx.consumed = reduction != "none"
         if ctx.needs_input_grad[1]:  # probability targets that require grad (distillation)
             grad_target = _soft_target_grad(ctx, grad_out, logits, target, weight, lse, args,
@@ -123,7 +126,8 @@ class SigmoidBCEFunction(torch.autograd.Function):
         ctx.meta = (backend, reduction)
         ctx.consumed = False
         if fused_grad:
-            ctx.save_for_backward(logits, target, weight, pos_weight, grad_scale, grad)
+            ctx.save_for_backward(logits, target, weight, pos_weight, grad_scale)
+            ctx.fused_grad = grad
         elif needs_grad:
             ctx.save_for_backward(logits, target, weight, pos_weight)
         if reduction == "none":
@@ -147,13 +151,15 @@ class SigmoidBCEFunction(torch.autograd.Function):
             if reduction == "none":
                 grad_logits = ops.sigmoid_bce_bwd(grad_out, logits, target, weight, pos_weight)
             elif not ctx.consumed:
-                grad_logits = saved[5]
+                grad_logits = ctx.fused_grad
                 ops.scale_grad_(grad_logits, grad_out)
                 ctx.consumed = True
-            else:  # second backward (retain_graph=True): recompute
-                g = grad_out.float() if saved[4] is None else grad_out.float() * saved[4]
+            else:  # second backward (retain_graph=True): recompute as the forward did
+                g = saved[4] if saved[4] is not None else \
+                    torch.ones((), dtype=torch.float32, device=logits.device)
                 grad_logits = ops.sigmoid_bce_bwd(g.expand(logits.shape), logits, target,
                                                   weight, pos_weight)
+                ops.scale_grad_(grad_logits, grad_out)
         if ctx.needs_input_grad[1]:
             grad_target = _bce_target_grad(grad_out, logits, target, weight, pos_weight,
                                            reduction, saved)

@@ -92,8 +92,14 @@ def _check_same_device(name: str, t: Tensor | None, x: Tensor) -> None:
                            "move them to the same device")
 
 
+def _eager() -> bool:
+    """Value checks (NaN, range) read data; under torch.compile they are not traced."""
+    return not torch.compiler.is_compiling()
+
+
 def _check_no_nan(name: str, t: Tensor | None) -> None:
-    if t is not None and t.device.type == "cpu" and t.numel() and bool(torch.isnan(t).any()):
+    if t is not None and t.device.type == "cpu" and t.numel() and _eager() \
+            and bool(torch.isnan(t).any()):
         raise ValueError(f"{name} contains NaN: {t.tolist() if t.numel() <= 8 else '...'}")
 
 
@@ -219,16 +225,17 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
 
     needs_grad = torch.is_grad_enabled() and (input.requires_grad or target.requires_grad)
     grad_scale = None
-    if reduction == "mean":
+    if reduction == "mean":  # 1 / torch's denominator, on the device (no sync)
+        acc = ref.compute_dtype(x2.dtype)
         if prob:
-            denom = torch.full((), float(x2.shape[0]), device=x2.device, dtype=torch.float32)
+            denom = torch.full((), float(x2.shape[0]), device=x2.device, dtype=acc)
         else:
             valid = t2 != ignore_index
             if weight is None:
-                denom = valid.sum(dtype=torch.float32)
+                denom = valid.sum(dtype=acc)
             else:
-                w_t = weight.float()[t2.clamp(0, max(x2.shape[1] - 1, 0))] \
-                    if x2.shape[1] else torch.zeros_like(t2, dtype=torch.float32)
+                w_t = weight.to(acc)[t2.clamp(0, max(x2.shape[1] - 1, 0))] \
+                    if x2.shape[1] else torch.zeros_like(t2, dtype=acc)
                 denom = (w_t * valid).sum()
         grad_scale = 1.0 / denom
     # inplace_backward on a K-dim or non-contiguous input overwrites the 2-D copy: correct,
@@ -284,10 +291,10 @@ def _logit_threshold(threshold, logit_threshold, num_classes: int, device) -> Te
         v = value.detach().to(torch.float64)
         if name == "threshold":
             bad = ~((v > 0) & (v < 1))
-            if bool(bad.any()):
+            if _eager() and bool(bad.any()):
                 raise ValueError(f"threshold must be in (0, 1), got {v[bad][0].item()}")
             v = torch.logit(v)
-        elif bool(torch.isnan(v).any()):
+        elif _eager() and bool(torch.isnan(v).any()):
             raise ValueError("logit_threshold contains NaN")
         return v.float().reshape(-1).expand(num_classes).to(device).contiguous()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -351,7 +358,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
     grad_scale = None
     if reduction == "mean":
         grad_scale = torch.full((), 1.0 / input.numel() if input.numel() else math.nan,
-                                dtype=torch.float32, device=input.device)
+                                dtype=ref.compute_dtype(x2.dtype), device=input.device)
     loss, labels, probs, counts = SigmoidBCEFunction.apply(
         x2, t2, w2, pw2, grad_scale, thr, b.name, reduction, needs_grad, bool(return_probs),
         bool(return_counts))

@@ -38,9 +38,10 @@ def _target_parts(target: Tensor, ignore_index: int, num_classes: int):
 def check_target_range(target: Tensor, ignore_index: int, num_classes: int) -> None:
     """Raise IndexError (as torch's nll_loss does) for a class index outside [0, C).
 
-    This is the reference backend: it may synchronise to raise a host exception.
+    This is the reference backend: it may synchronise to raise a host exception. Under
+    torch.compile the check is skipped (a data-dependent branch cannot be traced).
     """
-    if target.numel() == 0:
+    if target.numel() == 0 or torch.compiler.is_compiling():
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
