@@ -33,14 +33,16 @@ INTERPRET_BCE_TILE = (4, 64)  # (rows, columns)
 
 # Softmax-CE column block per logits element size, on sm_90. One program owns one row and
 # loops over it in blocks of BLOCK columns twice (statistics, then gradient), so the row's
-# second read is an L2 hit for rows up to ~L2/programs-in-flight. Assumption: 16 KiB of
-# logits per block iteration (4096 fp32 / 8192 bf16) keeps 8 warps at 16 B loads per thread
-# with 4 loads in flight, the regime where H100 HBM saturates; larger blocks only add registers.
+# second read is an L2 hit for rows up to ~L2/programs-in-flight. Assumption (not measured
+# here: no GPU was lent to this work): 16 KiB of logits per block iteration (4096 fp32 / 8192
+# bf16) keeps 8 warps at 16-byte loads per thread with several loads in flight, the regime
+# where H100 HBM saturates; larger blocks only add registers. Rows shorter than 1024 classes
+# use SOFTMAX_SMALL_BLOCK so that small-vocabulary batches do not idle most lanes. Two blocks
+# per dtype keep the shipped specialisations few enough to compile all of them ahead of time.
 SOFTMAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}
+SOFTMAX_SMALL_BLOCK = 1024
 SOFTMAX_WARPS = 8
-# A row shorter than the block gets a block of next_power_of_2(C) (fewer idle lanes), but never
-# below this, so at most log2(max/min)+1 block sizes ship per dtype.
-SOFTMAX_MIN_BLOCK = 1024
+SOFTMAX_SMALL_WARPS = 4
 
 # BCE tile: rows x columns per loop step. Elementwise; assumption: 4 KiB of logits in flight
 # per warp-group (1024 fp32 columns x 4 rows over 4 warps) as for the torch elementwise kernels.
@@ -57,17 +59,14 @@ def softmax_config(num_classes: int, itemsize: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for a softmax-CE row of `num_classes` logits of `itemsize` bytes."""
     if interpreting():
         return INTERPRET_BLOCK, 1
-    block = min(SOFTMAX_BLOCK[itemsize], max(SOFTMAX_MIN_BLOCK, triton.next_power_of_2(num_classes)))
-    return block, SOFTMAX_WARPS
+    if num_classes <= SOFTMAX_SMALL_BLOCK:
+        return SOFTMAX_SMALL_BLOCK, SOFTMAX_SMALL_WARPS
+    return SOFTMAX_BLOCK[itemsize], SOFTMAX_WARPS
 
 
-def softmax_blocks(itemsize: int) -> list[int]:
-    """Every BLOCK `softmax_config` can return for this element size on a GPU (AOT check)."""
-    out, b = [], SOFTMAX_MIN_BLOCK
-    while b <= SOFTMAX_BLOCK[itemsize]:
-        out.append(b)
-        b *= 2
-    return out
+def softmax_configs(itemsize: int) -> list[tuple[int, int]]:
+    """Every (BLOCK, num_warps) `softmax_config` returns on a GPU (for the AOT check)."""
+    return [(SOFTMAX_SMALL_BLOCK, SOFTMAX_SMALL_WARPS), (SOFTMAX_BLOCK[itemsize], SOFTMAX_WARPS)]
 
 
 def bce_config() -> tuple[int, int, int]:
@@ -103,3 +102,45 @@ def tanh(a):
 def log1p_small(e):
     """log(1 + e) for e in [0, 1]: the series e - e^2/2 + e^3/3 where 1 + e rounds to 1."""
     return tl.where(e < 1e-4, e * (1.0 - e * (0.5 - e / 3.0)), tl.log(1.0 + e))
+
+
+_DUMMIES: dict = {}
+
+
+def dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A 1-element tensor passed for an absent pointer argument (never read: its runtime flag is
+    off). It has the pointer's real dtype, so an absent argument compiles the same
+    specialisation as a present one and the set of compiled kernels stays the one listed by
+    each module's `specialisations()` (checked by scripts/triton_aot_check.py)."""
+    key = (str(device), dtype)
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.zeros(1, dtype=dtype, device=device)
+    return t
+
+
+# Triton type names of the torch dtypes the kernels take (for ahead-of-time signatures).
+TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
+            torch.float64: "fp64", torch.int64: "i64", torch.uint8: "u8"}
+LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_torch(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def signature(fn, pointer_types: dict, scalar_types: dict, constexprs: dict) -> dict:
+    """Full AOT signature of `fn`: pointers as '*<type>', scalars by type, the rest constexpr.
+
+    Integer scalars are compiled as i32, what the JIT picks for values below 2^31 (it picks
+    i64 above); the kernels cast program ids to int64 before multiplying by a stride, so the
+    generated code is the same apart from the argument width."""
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointer_types:
+            sig[name] = "*" + TL_NAMES[pointer_types[name]]
+        else:
+            sig[name] = scalar_types.get(name, "i32")
+    return sig

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, scale_config
+from ._common import (LOGITS_DTYPES, SCALE_BLOCK, SCALE_WARPS, acc_dtype, acc_torch, scale_config,
+                      signature)
 
 
 @triton.jit(do_not_specialize=["n"])
@@ -33,7 +34,15 @@ def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
         return
     # The kernel reads the scale in the accumulation type; converting a 0-dim tensor is a tiny
     # device op, not a sync.
-    s = scale.to(torch.float64 if grad.dtype == torch.float64 else torch.float32)
+    s = scale.to(acc_torch(grad.dtype))
     block, warps = scale_config()
     _scale_grad_kernel[(triton.cdiv(n, block),)](grad, s, n, ACC=acc_dtype(grad.dtype),
                                                  BLOCK=block, num_warps=warps)
+
+
+def specialisations():
+    """Every (kernel, signature, constexprs, num_warps) the launcher can launch on a GPU."""
+    for dtype in LOGITS_DTYPES:
+        ce = dict(ACC=acc_dtype(dtype), BLOCK=SCALE_BLOCK)
+        sig = signature(_scale_grad_kernel, dict(g_ptr=dtype, s_ptr=acc_torch(dtype)), {}, ce)
+        yield _scale_grad_kernel, sig, ce, SCALE_WARPS

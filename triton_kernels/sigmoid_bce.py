@@ -31,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, bce_config, interpreting, log1p_small
+from ._common import (BCE_TILE, BCE_WARPS, LOGITS_DTYPES, acc_dtype, acc_torch, bce_config, dummy,
+                      interpreting, log1p_small, signature)
 
 _NO_SPECIALIZE = ["R", "C", "cols_per_prog", "has_w", "has_pw", "has_scale", "labels", "probs",
                   "count", "sy_r", "sy_c", "sw_r", "sw_c", "sp_r", "sp_c", "sg_r", "sg_c"]
@@ -126,10 +127,6 @@ def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(0, dtype=dtype or like.dtype, device=like.device)
 
 
-def _strides2(t):
-    return (t.stride(0), t.stride(1)) if t is not None else (0, 0)
-
-
 def _as_kernel_target(target, logits):
     """bool -> uint8 view (free); the logits' float dtype and uint8 pass through."""
     if target.dtype == torch.bool:
@@ -139,6 +136,20 @@ def _as_kernel_target(target, logits):
     if target.dtype != logits.dtype:  # outside the contract; correct but costs a copy
         target = target.to(logits.dtype)
     return target, 1
+
+
+def _constexprs(dtype, target_kind, loss_mode, grad, block_r, block_c):
+    """The compile-time switches of one launch; `specialisations()` enumerates the same."""
+    return dict(TARGET=target_kind, LOSS=loss_mode, GRAD=bool(grad), ACC=acc_dtype(dtype),
+                BLOCK_R=block_r, BLOCK_C=block_c)
+
+
+def _pointer_types(dtype, target_kind, loss_mode, scale_dtype):
+    acc = acc_torch(dtype)
+    return dict(x_ptr=dtype, y_ptr=dtype if target_kind == 1 else torch.uint8, w_ptr=dtype,
+                pw_ptr=dtype, g_ptr=scale_dtype, thr_ptr=torch.float32,
+                loss_ptr=dtype if loss_mode == 1 else acc, grad_ptr=dtype,
+                labels_ptr=torch.uint8, probs_ptr=dtype, counts_ptr=torch.int64)
 
 
 def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, labels, probs,
@@ -151,35 +162,56 @@ def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, la
         block_r, block_c = tile
     cols_per_prog = block_c * (1 if interpreting() else _TILES_PER_PROGRAM)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(classes, cols_per_prog))
-    partial = None
-    if loss_mode == 2:
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        partial = torch.empty((grid[1], rows), dtype=acc, device=logits.device)
+    if loss_mode == 2:  # per-chunk row sums, added up below in a fixed order
+        loss = torch.empty((grid[1], rows), dtype=acc_torch(logits.dtype), device=logits.device)
     kind = 0
     if target is not None:
         target, kind = _as_kernel_target(target, logits)
-    dummy = logits
+    scale_dtype = scale.dtype if scale is not None else acc_torch(logits.dtype)
+    dev, types = logits.device, _pointer_types(logits.dtype, kind, loss_mode, scale_dtype)
+
+    def ptr(t, name):  # absent arguments get a typed dummy: same specialisation either way
+        return t if t is not None else dummy(dev, types[name])
+
+    def strides(t):
+        return (t.stride(0), t.stride(1)) if t is not None and t.dim() == 2 else (0, 0)
+
     _sigmoid_bce_kernel[grid](
         logits, logits.stride(0),
-        target if target is not None else dummy, *_strides2(target),
-        weight if weight is not None else dummy, *_strides2(weight),
-        pos_weight if pos_weight is not None else dummy, *_strides2(pos_weight),
-        scale if scale is not None else dummy,
-        *((scale.stride(0), scale.stride(1)) if scale is not None and scale.dim() == 2
-          else (0, 0)),
-        threshold if threshold is not None else dummy,
-        partial if partial is not None else (loss if loss is not None else dummy),
-        grad if grad is not None else dummy,
-        labels.view(torch.uint8) if labels is not None else dummy,
-        probs if probs is not None else dummy,
-        counts if counts is not None else dummy,
+        ptr(target, "y_ptr"), *strides(target),
+        ptr(weight, "w_ptr"), *strides(weight),
+        ptr(pos_weight, "pw_ptr"), *strides(pos_weight),
+        ptr(scale, "g_ptr"), *strides(scale),
+        ptr(threshold, "thr_ptr"),
+        ptr(loss, "loss_ptr"),
+        ptr(grad, "grad_ptr"),
+        ptr(labels.view(torch.uint8) if labels is not None else None, "labels_ptr"),
+        ptr(probs, "probs_ptr"),
+        ptr(counts, "counts_ptr"),
         rows, classes, cols_per_prog,
         int(weight is not None), int(pos_weight is not None), int(scale is not None),
         int(labels is not None), int(probs is not None), int(counts is not None),
-        TARGET=kind, LOSS=loss_mode, GRAD=grad is not None, ACC=acc_dtype(logits.dtype),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps,
+        **_constexprs(logits.dtype, kind, loss_mode, grad is not None, block_r, block_c),
+        num_warps=warps,
     )
-    return partial
+    return loss if loss_mode == 2 else None
+
+
+def specialisations():
+    """Every (kernel, signature, constexprs, num_warps) the launchers can launch on a GPU."""
+    block_r, block_c = BCE_TILE
+    for dtype in LOGITS_DTYPES:
+        acc = acc_torch(dtype)
+        modes = [(kind, loss, grad, acc) for kind in (1, 2) for loss in (1, 2)
+                 for grad in (False, True)]                                   # forward
+        modes += [(kind, 0, True, g) for kind in (1, 2)
+                  for g in sorted({dtype, acc}, key=str)]                     # backward
+        modes.append((0, 0, False, acc))                                      # decode
+        for kind, loss, grad, scale_dtype in modes:
+            ce = _constexprs(dtype, kind, loss, grad, block_r, block_c)
+            sig = signature(_sigmoid_bce_kernel, _pointer_types(dtype, kind, loss, scale_dtype),
+                            {}, ce)
+            yield _sigmoid_bce_kernel, sig, ce, BCE_WARPS
 
 
 def _like(logits, dtype=None):
@@ -197,16 +229,15 @@ def sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold, r
         raise ValueError("sigmoid_bce_fwd: count=True requires a threshold (got threshold=None)")
     weight, pos_weight = _same_dtype(weight, logits), _same_dtype(pos_weight, logits)
     thr = None if threshold is None else threshold.to(torch.float32).contiguous()
-    if reduce_rows:
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        loss = torch.zeros(rows, dtype=acc, device=logits.device)
+    if reduce_rows:  # replaced by the kernel's row sums unless the batch is empty
+        loss = torch.zeros(rows, dtype=acc_torch(logits.dtype), device=logits.device)
     else:
         loss = _like(logits)
     grad = _like(logits) if compute_grad else None
     labels = _like(logits, torch.bool) if thr is not None else None
     probs = _like(logits) if return_probs else None
     counts = torch.zeros((3, classes), dtype=torch.int64, device=logits.device) if count else None
-    scale = None if grad_scale is None else grad_scale.to(torch.float32)
+    scale = None if grad_scale is None else grad_scale.to(acc_torch(logits.dtype))
     partial = _launch(logits, target, weight, pos_weight, scale, thr, loss, grad, labels,
                       probs, counts, loss_mode=2 if reduce_rows else 1, tile=tile)
     if partial is not None:
@@ -220,10 +251,11 @@ def sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold, r
 
 def sigmoid_bce_bwd(grad_loss, logits, target, weight, pos_weight, *, tile=None):
     weight, pos_weight = _same_dtype(weight, logits), _same_dtype(pos_weight, logits)
-    # grad_loss is read with its own strides; dtypes other than the logits' and fp32 are
-    # converted (not expected from autograd, where it has the loss's dtype = the logits').
-    if grad_loss.dtype not in (logits.dtype, torch.float32):
-        grad_loss = grad_loss.to(torch.float32)
+    # grad_loss is read with its own strides; a dtype other than the logits' or the
+    # accumulation dtype is converted to the latter (autograd passes the loss's dtype, which
+    # is the logits').
+    if grad_loss.dtype not in (logits.dtype, acc_torch(logits.dtype)):
+        grad_loss = grad_loss.to(acc_torch(logits.dtype))
     grad_loss = grad_loss.expand(logits.shape)
     grad = _like(logits)
     _launch(logits, target, weight, pos_weight, grad_loss, None, None, grad, None, None, None,

@@ -45,7 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, interpreting, softmax_config, tanh
+from ._common import (LOGITS_DTYPES, acc_dtype, acc_torch, dummy, signature, softmax_config,
+                      softmax_configs, tanh)
 
 # Runtime switches and C: Triton would otherwise specialise an int equal to 1 into a constant
 # (one more compiled variant, and `C.to(...)` breaks on a constant).
@@ -225,6 +226,23 @@ def _check_targets_on_cpu(target, ignore_index: int, num_classes: int) -> None:
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
 
 
+def _constexprs(dtype, target_kind, has_weight, softcap, forward, grad, block):
+    """The compile-time switches of one launch; `specialisations()` enumerates the same."""
+    return dict(TARGET=target_kind, HAS_WEIGHT=bool(has_weight), SOFTCAP=bool(softcap),
+                FORWARD=bool(forward), GRAD=bool(grad), ACC=acc_dtype(dtype), BLOCK=block)
+
+
+def _pointer_types(dtype, target_kind):
+    acc = acc_torch(dtype)
+    return dict(x_ptr=dtype, t_ptr=dtype if target_kind == 2 else torch.int64, w_ptr=dtype,
+                scale_ptr=acc, lse_ptr=acc, loss_ptr=acc, grad_ptr=dtype, pred_ptr=torch.int64,
+                conf_ptr=torch.float32)
+
+
+_SCALARS = dict(x_stride="i32", t_stride="i32", scale_stride="i32", grad_stride="i32",
+                eps="fp32", zs="fp32", cap="fp32")
+
+
 def _launch(logits, target, weight, scale, scale_stride, lse, loss, grad, pred, conf,
             ignore_index, label_smoothing, lse_square_scale, softcap, decode, *,
             target_kind, forward, compute_grad, block=None):
@@ -234,35 +252,52 @@ def _launch(logits, target, weight, scale, scale_stride, lse, loss, grad, pred, 
     if classes == 0:  # nothing to read: lse = -inf, loss 0 (empty sums), no gradient entries
         if forward:
             lse.fill_(float("-inf"))
-            loss.zero_()
+            if loss is not None:
+                loss.zero_()
             if decode:
                 pred.zero_()
-                conf.fill_(_NAN)
+                conf.fill_(float("nan"))
         return
     blk, warps = softmax_config(classes, logits.element_size())
     if block is not None:
         blk = block
+    dev, types = logits.device, _pointer_types(logits.dtype, target_kind)
+
+    def ptr(t, name):  # absent arguments get a typed dummy: same specialisation either way
+        return t if t is not None else dummy(dev, types[name])
+
     _softmax_ce_kernel[(rows,)](
         logits, logits.stride(0),
-        target if target is not None else logits,
-        target.stride(0) if target is not None and target.dim() == 2 else 0,
-        weight if weight is not None else logits,
-        scale if scale is not None else lse, scale_stride,
-        lse, loss if loss is not None else lse,
-        grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
-        pred if decode else lse, conf if decode else lse,
+        ptr(target, "t_ptr"), target.stride(0) if target_kind == 2 else 0,
+        ptr(weight, "w_ptr"),
+        ptr(scale, "scale_ptr"), scale_stride,
+        lse, ptr(loss, "loss_ptr"),
+        ptr(grad, "grad_ptr"), grad.stride(0) if grad is not None else 0,
+        ptr(pred if decode else None, "pred_ptr"), ptr(conf if decode else None, "conf_ptr"),
         classes, int(ignore_index), float(label_smoothing), float(lse_square_scale),
         float(softcap) if softcap > 0 else 1.0,
         int(label_smoothing > 0), int(target_kind == 2 or label_smoothing > 0), int(bool(decode)),
         int(scale is not None),
-        TARGET=target_kind, HAS_WEIGHT=weight is not None, SOFTCAP=softcap > 0,
-        FORWARD=forward, GRAD=compute_grad, ACC=acc_dtype(logits.dtype), BLOCK=blk,
+        **_constexprs(logits.dtype, target_kind, weight is not None, softcap > 0, forward,
+                      compute_grad, blk),
         num_warps=warps,
     )
 
 
-def _acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def specialisations():
+    """Every (kernel, signature, constexprs, num_warps) the launchers can launch on a GPU."""
+    for dtype in LOGITS_DTYPES:
+        for block, warps in softmax_configs(torch.empty(0, dtype=dtype).element_size()):
+            modes = [(kind, fwd, grad) for kind in (1, 2)
+                     for fwd, grad in ((True, False), (True, True), (False, True))]
+            modes.append((0, True, False))  # softmax_decode
+            for kind, fwd, grad in modes:
+                for has_weight in ((False, True) if kind else (False,)):
+                    for softcap in (False, True):
+                        ce = _constexprs(dtype, kind, has_weight, softcap, fwd, grad, block)
+                        sig = signature(_softmax_ce_kernel, _pointer_types(dtype, kind),
+                                        _SCALARS, ce)
+                        yield _softmax_ce_kernel, sig, ce, warps
 
 
 def _target_kind(target) -> int:
@@ -274,7 +309,7 @@ def _forward(logits, target, weight, grad_scale, ignore_index, label_smoothing,
     rows, classes = logits.shape
     if target.dim() == 1:
         _check_targets_on_cpu(target, ignore_index, classes)
-    acc = dict(dtype=_acc_torch(logits.dtype), device=logits.device)
+    acc = dict(dtype=acc_torch(logits.dtype), device=logits.device)
     loss = torch.empty(rows, **acc)
     lse = torch.empty(rows, **acc)
     pred = torch.empty(rows, dtype=torch.int64, device=logits.device) if decode \
@@ -314,7 +349,7 @@ def softmax_ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_s
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     # (R,) incoming gradient of any float dtype and stride (stride 0 included): read in the
     # accumulation dtype with its own stride (converting R values is a tiny device op).
-    acc = _acc_torch(logits.dtype)
+    acc = acc_torch(logits.dtype)
     g = grad_loss.to(acc)
     _launch(logits, target, weight, g, g.stride(0) if g.dim() == 1 else 0, lse.to(acc), None, grad, None, None, ignore_index, label_smoothing,
             lse_square_scale, softcap, False, target_kind=_target_kind(target),
@@ -326,7 +361,7 @@ def softmax_decode(logits, softcap, *, block=None):
     rows = logits.shape[0]
     pred = torch.empty(rows, dtype=torch.int64, device=logits.device)
     conf = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(rows, dtype=_acc_torch(logits.dtype), device=logits.device)
+    lse = torch.empty(rows, dtype=acc_torch(logits.dtype), device=logits.device)
     _launch(logits, None, None, None, 0, lse, None, None, pred, conf, -100, 0.0, 0.0,
             softcap, True, target_kind=0, forward=True, compute_grad=False, block=block)
     return pred, conf
