@@ -1,0 +1,435 @@
+"""fusedloss.distributed.cross_entropy on real process groups (gloo, CPU, spawned processes).
+
+Oracle: torch.nn.functional.cross_entropy (and autograd through it) on the FULL logits, which
+every rank builds from the same seed and then slices to its shard; the z-loss term against its
+formula `s * logsumexp(z)^2` per non-ignored row, reduced with torch's weighted-mean denominator.
+
+Cost: spawning a process group is ~2 s of imports, so the file starts ONE group per
+(backend, world size) and runs every case inside it; each case is a separate pytest item that
+reads the result its group recorded. A case must raise (or pass) on every rank; a group that
+hangs fails its items after GROUP_TIMEOUT instead of blocking the suite.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import fusedloss
+from fusedloss import distributed as D
+
+GROUP_TIMEOUT = 90.0  # seconds for a whole group (all cases); a hang fails the items
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=20)  # gloo: a stuck collective raises
+N, C = 13, 11  # 13 rows: not a multiple of any shard; 11 classes: prime, so shards are uneven
+IGNORE = -100
+# Uneven shard sizes per world size (in rank order); 3 ranks include a 1-class shard.
+LAYOUTS = {2: [4, 7], 3: [5, 1, 5]}
+BACKENDS = [b for b in fusedloss.available_backends("cpu") if b != "triton"]  # interpreter: slow
+F32 = dict(atol=2e-6, rtol=2e-5)  # fp32 over 11 classes: a few ulp of the loss and gradient
+
+
+# ----------------------------------------------------------------------------- data and oracle
+def _data(dtype=torch.float32, seed=0, rows=N):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, C, generator=g, dtype=torch.float64) * 3).to(dtype)
+    t = torch.randint(0, C, (rows,), generator=g)
+    t[3] = IGNORE  # ignored rows
+    t[7] = IGNORE
+    # argmax ties across shards: the maximum in classes 2 and 9 (different ranks in every layout)
+    x[0] = 0
+    x[0, 2] = x[0, 9] = 5
+    # a tie in classes 5 and 6: inside rank 1's shard for 2 ranks, across ranks 1, 2 for 3
+    x[1, 5] = x[1, 6] = x[1].max() + 1
+    w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    return x, t, w
+
+
+def _layout(rank, world):
+    sizes = LAYOUTS[world]
+    start = sum(sizes[:rank])
+    return start, sizes[rank]
+
+
+def _zloss_reference(x, t, w, reduction, s):
+    lse = torch.logsumexp(x.double(), -1)
+    valid = t != IGNORE
+    z = s * lse.square() * valid
+    if reduction == "none":
+        return z
+    if reduction == "sum":
+        return z.sum()
+    wt = torch.ones(len(t), dtype=torch.float64) if w is None else w.double()[t.clamp(min=0)]
+    return z.sum() / (wt * valid).sum()
+
+
+def _oracle(x, t, w, reduction, eps, s, upstream):
+    """(loss, full gradient) from torch on the full logits."""
+    xr = x.detach().double().requires_grad_()
+    loss = F.cross_entropy(xr, t, weight=None if w is None else w.double(), ignore_index=IGNORE,
+                           reduction=reduction, label_smoothing=eps)
+    if s:
+        loss = loss + _zloss_reference(xr, t, w, reduction, s)
+    loss.backward(upstream.double())
+    return loss.detach(), xr.grad
+
+
+def _run_case(rank, world, backend, *, weight, eps, s, reduction, dtype=torch.float32,
+              decode=False, validate=True, pass_layout=False, batch=None):
+    x, t, w = _data(dtype)
+    w = w if weight else None
+    start, size = _layout(rank, world)
+    local = x[:, start:start + size].clone()
+    if batch is not None:  # (B, T, C_local) LM layout
+        local, t_in = local.reshape(*batch, size), t.reshape(batch)
+    else:
+        t_in = t
+    local.requires_grad_()
+    kw = dict(class_start=start, num_classes=C) if pass_layout else {}
+    out = D.cross_entropy(local, t_in, weight=w, ignore_index=IGNORE, reduction=reduction,
+                          label_smoothing=eps, lse_square_scale=s, backend=backend,
+                          return_decoding=decode, validate=validate, **kw)
+    loss = out.loss if decode else out
+    gen = torch.Generator().manual_seed(99)  # the same upstream gradient on every rank
+    upstream = torch.randn(loss.shape, generator=gen, dtype=torch.float64)
+    loss.backward(upstream.to(loss.dtype))
+    ref_loss, ref_grad = _oracle(x, t, w, reduction, eps, s, upstream.reshape(-1)
+                                 if reduction == "none" else upstream)
+    assert loss.dtype == dtype, (loss.dtype, dtype)
+    assert loss.shape == (t_in.shape if reduction == "none" else ()), loss.shape
+    tol = F32 if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(loss.double().reshape(-1), ref_loss.reshape(-1), **tol)
+    torch.testing.assert_close(local.grad.double().reshape(-1, size),
+                               ref_grad[:, start:start + size], **tol)
+    if decode:
+        xd = x.double()
+        pred = torch.argmax(xd, -1)
+        conf = torch.softmax(xd, -1).gather(1, pred[:, None]).squeeze(1)
+        assert torch.equal(out.pred.reshape(-1), pred), (out.pred, pred)
+        assert out.pred.reshape(-1)[0] == 2 and out.pred.reshape(-1)[1] == 5  # tie rules
+        torch.testing.assert_close(out.confidence.reshape(-1).double(), conf, **F32)
+        assert out.confidence.dtype == torch.float32
+        assert torch.equal(out.correct.reshape(-1), (pred == t) & (t != IGNORE))
+
+
+# ----------------------------------------------------------------------------- cases
+CASES = {}
+
+
+def case(fn):
+    CASES[fn.__name__] = fn
+    return fn
+
+
+def _grid_case(weight, eps, s, reduction):
+    def fn(rank, world, backend):
+        _run_case(rank, world, backend, weight=weight, eps=eps, s=s, reduction=reduction)
+    return fn
+
+
+# Every combination of the options that change the math: weight x smoothing x z-loss x reduction.
+for _w in (False, True):
+    for _eps in (0.0, 0.1):
+        for _s in (0.0, 1e-2):
+            for _red in ("none", "mean", "sum"):
+                CASES[f"grid-w{int(_w)}-eps{_eps}-z{_s}-{_red}"] = _grid_case(_w, _eps, _s, _red)
+
+
+@case
+def decode_ties_and_confidence(rank, world, backend):
+    _run_case(rank, world, backend, weight=True, eps=0.1, s=0.0, reduction="mean", decode=True)
+
+
+@case
+def lm_layout_batch_seq(rank, world, backend):
+    # (B, T, C_local) logits and (B, T) target, as a tensor-parallel LM head produces them
+    _run_case(rank, world, backend, weight=False, eps=0.0, s=1e-2, reduction="none",
+              decode=True, batch=(1, N))
+
+
+@case
+def fp64_path(rank, world, backend):
+    _run_case(rank, world, backend, weight=True, eps=0.1, s=1e-2, reduction="mean",
+              dtype=torch.float64, decode=True)
+
+
+@case
+def one_collective_without_validation(rank, world, backend, monkeypatch=None):
+    # validate=False with the layout given: exactly 1 all_gather forward, none backward
+    calls = []
+    orig = D._all_gather
+
+    def counting(out, inp, group):
+        calls.append(inp.numel())
+        orig(out, inp, group)
+
+    D._all_gather = counting
+    try:
+        _run_case(rank, world, backend, weight=True, eps=0.1, s=1e-2, reduction="sum",
+                  decode=True, validate=False, pass_layout=True)
+    finally:
+        D._all_gather = orig
+    # the packed statistics: 5 rows of N floats + (start, size) as int64 bits (4 floats)
+    assert calls == [5 * N + 4], calls
+
+
+@case
+def reversed_layout_and_ties(rank, world, backend):
+    # rank 0 holds the LAST classes: the tie rule must follow class order, not rank order
+    sizes = LAYOUTS[world]
+    order = list(reversed(range(world)))
+    starts = {r: sum(sizes[q] for q in order[:order.index(r)]) for r in range(world)}
+    x, t, w = _data()
+    start, size = starts[rank], sizes[rank]
+    local = x[:, start:start + size].clone().requires_grad_()
+    out = D.cross_entropy(local, t, class_start=start, weight=w, ignore_index=IGNORE,
+                          return_decoding=True, backend=backend)
+    out.loss.backward()
+    ref_loss, ref_grad = _oracle(x, t, w, "mean", 0.0, 0.0, torch.tensor(1.0))
+    torch.testing.assert_close(out.loss.double(), ref_loss, **F32)
+    torch.testing.assert_close(local.grad.double(), ref_grad[:, start:start + size], **F32)
+    assert torch.equal(out.pred, torch.argmax(x, -1))
+
+
+@case
+def all_rows_ignored(rank, world, backend):
+    # torch: mean over zero rows is NaN (0/0), sum is 0, gradient exactly 0
+    x, _, _ = _data()
+    t = torch.full((N,), IGNORE)
+    start, size = _layout(rank, world)
+    local = x[:, start:start + size].clone().requires_grad_()
+    mean = D.cross_entropy(local, t, ignore_index=IGNORE, backend=backend)
+    total = D.cross_entropy(local, t, ignore_index=IGNORE, reduction="sum", backend=backend)
+    total.backward()
+    assert torch.isnan(mean) and torch.isnan(F.cross_entropy(x, t, ignore_index=IGNORE))
+    assert total.item() == 0.0
+    assert torch.equal(local.grad, torch.zeros_like(local))
+
+
+@case
+def extreme_logits(rank, world, backend):
+    # |x| up to ~1000: exp overflows fp32 (above 88) unless every rank shifts by its max.
+    # p = exp(x - lse) with lse rounded to fp32 (the op contract saves an fp32 lse) is off by
+    # up to ~2 ulp(|lse|) relative, hence the gradient tolerance scales with max|x|.
+    x, t, _ = _data()
+    x = x * 100
+    start, size = _layout(rank, world)
+    local = x[:, start:start + size].clone().requires_grad_()
+    loss = D.cross_entropy(local, t, ignore_index=IGNORE, reduction="sum", backend=backend)
+    loss.backward()
+    ref_loss, ref_grad = _oracle(x, t, None, "sum", 0.0, 0.0, torch.tensor(1.0))
+    ulp = torch.finfo(torch.float32).eps * x.abs().max().item()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=4 * ulp)
+    torch.testing.assert_close(local.grad.double(), ref_grad[:, start:start + size],
+                               rtol=0, atol=4 * ulp)
+
+
+@case
+def bf16_no_worse_than_torch(rank, world, backend):
+    x, t, w = _data(torch.bfloat16)
+    start, size = _layout(rank, world)
+    local = x[:, start:start + size].clone().requires_grad_()
+    loss = D.cross_entropy(local, t, weight=w, ignore_index=IGNORE, label_smoothing=0.1,
+                           backend=backend)
+    loss.backward()
+    assert loss.dtype == torch.bfloat16 and local.grad.dtype == torch.bfloat16
+    ref_loss, ref_grad = _oracle(x, t, w, "mean", 0.1, 0.0, torch.tensor(1.0))
+    xt = x.clone().requires_grad_()
+    tl = F.cross_entropy(xt, t, weight=w, ignore_index=IGNORE, label_smoothing=0.1)
+    tl.backward()
+    for ours, theirs, exact in ((loss, tl, ref_loss),
+                                (local.grad, xt.grad[:, start:start + size],
+                                 ref_grad[:, start:start + size])):
+        e_ours = (ours.double() - exact).abs().max().item()
+        e_torch = (theirs.double() - exact).abs().max().item()
+        assert e_ours <= 2 * e_torch + 4e-3 * max(exact.abs().max().item(), 1.0), \
+            (e_ours, e_torch)
+
+
+@case
+def module_caches_layout(rank, world, backend):
+    x, t, w = _data()
+    start, size = _layout(rank, world)
+    mod = D.VocabParallelCrossEntropyLoss(weight=w, ignore_index=IGNORE, label_smoothing=0.1,
+                                          backend=backend, validate=False)
+    losses = []
+    for _ in range(2):
+        local = x[:, start:start + size].clone().requires_grad_()
+        losses.append(mod(local, t))
+    assert (mod.class_start, mod.num_classes) == (start, C)
+    ref_loss, _ = _oracle(x, t, w, "mean", 0.1, 0.0, torch.tensor(1.0))
+    for loss in losses:
+        torch.testing.assert_close(loss.double(), ref_loss, **F32)
+
+
+# --- bad input: every rank must raise the same error (never hang) ----------------------------
+def _bad(rank, world, backend, exc, match, **over):
+    x, t, w = _data()
+    start, size = _layout(rank, world)
+    args = dict(local_logits=x[:, start:start + size], target=t, weight=None, kw={})
+    args.update({k: v(rank, args) for k, v in over.items()})
+    with pytest.raises(exc, match=match):
+        D.cross_entropy(args["local_logits"], args["target"], weight=args["weight"],
+                        ignore_index=IGNORE, backend=backend, **args["kw"])
+
+
+@case
+def bad_num_classes(rank, world, backend):
+    _bad(rank, world, backend, ValueError, r"add up to 11, not num_classes=12",
+         kw=lambda r, a: dict(num_classes=C + 1))
+
+
+@case
+def bad_target_differs_on_one_rank(rank, world, backend):
+    def tgt(r, a):
+        t = a["target"].clone()
+        if r == world - 1:
+            t[5] = (t[5] + 1) % C
+        return t
+    _bad(rank, world, backend, ValueError, r"target differs across ranks", target=tgt)
+
+
+@case
+def bad_rows_differ(rank, world, backend):
+    # rank 1 has one row fewer (self-consistent locally): caught only by comparing ranks
+    def cut(r, a):
+        return a["local_logits"][:-1] if r == 1 else a["local_logits"]
+
+    def cut_t(r, a):
+        return a["target"][:-1] if r == 1 else a["target"]
+    _bad(rank, world, backend, ValueError, r"number of rows .* differs across ranks",
+         local_logits=cut, target=cut_t)
+
+
+@case
+def bad_local_shape_on_one_rank(rank, world, backend):
+    def tgt(r, a):
+        return a["target"][:-1] if r == 0 else a["target"]
+    _bad(rank, world, backend, ValueError, r"bad input on 1 of .*rank 0: target.shape \(12,\)",
+         target=tgt)
+
+
+@case
+def bad_target_out_of_range(rank, world, backend):
+    def tgt(r, a):
+        t = a["target"].clone()
+        t[4] = C
+        return t
+    _bad(rank, world, backend, IndexError, r"Target 11 is out of bounds", target=tgt)
+
+
+@case
+def bad_class_start_overlap(rank, world, backend):
+    # every rank claims to start at 0: shards overlap
+    _bad(rank, world, backend, ValueError, r"tile \[0, 11\)",
+         kw=lambda r, a: dict(class_start=0))
+
+
+@case
+def bad_weight_is_local_slice(rank, world, backend):
+    def wl(r, a):
+        start, size = _layout(r, world)
+        return _data()[2][start:start + size]
+    _bad(rank, world, backend, ValueError, r"full \(num_classes,\)", weight=wl)
+
+
+@case
+def bad_options_differ(rank, world, backend):
+    def kw(r, a):
+        return dict(label_smoothing=0.1 if r == 0 else 0.0)
+    _bad(rank, world, backend, ValueError, r"options hash .* differs across ranks", kw=kw)
+
+
+# ----------------------------------------------------------------------------- harness
+def _worker(rank, world, init_file, backend, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    results = {}
+    try:
+        for name, fn in CASES.items():
+            try:
+                fn(rank, world, backend)
+                results[name] = "ok"
+            except Exception:  # recorded; the item for this case fails with the traceback
+                results[name] = traceback.format_exc()
+            dist.barrier()  # keep the ranks in step between cases
+    finally:
+        with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
+
+
+_GROUPS: dict = {}
+
+
+def _group_results(backend, world):
+    """Run every case in one spawned group of `world` ranks; {rank: {case: 'ok' | traceback}}."""
+    key = (backend, world)
+    if key not in _GROUPS:
+        with tempfile.TemporaryDirectory() as tmp:
+            init_file = os.path.join(tmp, "init")
+            ctx = mp.start_processes(_worker, args=(world, init_file, backend, tmp),
+                                     nprocs=world, join=False, start_method="spawn")
+            deadline = time.monotonic() + GROUP_TIMEOUT
+            error = None
+            try:
+                while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
+                    if time.monotonic() > deadline:
+                        error = f"group of {world} ranks timed out after {GROUP_TIMEOUT} s"
+                        break
+            except Exception as e:  # a rank died outside a case
+                error = f"a rank failed: {e}"
+            finally:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+            results = {}
+            for r in range(world):
+                path = os.path.join(tmp, f"{r}.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        results[r] = json.load(f)
+            _GROUPS[key] = (results, error)
+    return _GROUPS[key]
+
+
+@pytest.mark.parametrize("world", sorted(LAYOUTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(CASES))
+def test_case(name, backend, world):
+    results, error = _group_results(backend, world)
+    assert len(results) == world, f"only {len(results)} of {world} ranks reported: {error}"
+    failures = {r: res.get(name, "not run") for r, res in results.items()
+                if res.get(name) != "ok"}
+    assert not failures, "\n".join(f"--- rank {r}:\n{msg}" for r, msg in failures.items())
+
+
+def test_single_rank_group_matches_torch():
+    """A world of 1 (no spawn: an in-process gloo group) is plain cross-entropy."""
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=0,
+                                world_size=1, timeout=COLLECTIVE_TIMEOUT)
+        try:
+            x, t, w = _data()
+            xl = x.clone().requires_grad_()
+            out = D.cross_entropy(xl, t, weight=w, ignore_index=IGNORE, label_smoothing=0.2,
+                                  backend=BACKENDS[-1], return_decoding=True)
+            out.loss.backward()
+            ref_loss, ref_grad = _oracle(x, t, w, "mean", 0.2, 0.0, torch.tensor(1.0))
+            torch.testing.assert_close(out.loss.double(), ref_loss, **F32)
+            torch.testing.assert_close(xl.grad.double(), ref_grad, **F32)
+            assert torch.equal(out.pred, torch.argmax(x, -1))
+        finally:
+            dist.destroy_process_group()
