@@ -1,0 +1,46 @@
+// scale_grad_ on CPU: grad *= scale in place (docs/OPS.md). The backward of a loss whose gradient
+// was computed in the forward: with the usual loss.backward() the incoming gradient is exactly 1
+// and this returns without touching the (R, C) gradient. Reading a CPU scalar is not a sync.
+#include "cpu/common.h"
+
+namespace fusedloss {
+namespace cpu {
+namespace {
+
+void scale_grad__cpu(const Tensor& grad, const Tensor& scale) {
+  const char* op = "scale_grad_";
+  check_same_device(op, "scale", scale);
+  TORCH_CHECK(grad.device().is_cpu(), op, ": grad must be a CPU tensor, got ", grad.device());
+  TORCH_CHECK(scale.numel() == 1, op, ": scale must be a 0-dim tensor, got shape ", scale.sizes());
+  TORCH_CHECK(is_float_dtype(scale.scalar_type()), op, ": scale must be floating, got ",
+              scale.scalar_type());
+  TORCH_CHECK(is_float_dtype(grad.scalar_type()), op,
+              ": grad must be float16, bfloat16, float32 or float64, got ", grad.scalar_type());
+  const double s = scale.item<double>();
+  if (s == 1.0 || grad.numel() == 0) return;
+  if (!grad.is_contiguous()) {  // not produced by the fused forward; let ATen handle the strides
+    grad.mul_(s);
+    return;
+  }
+  FUSEDLOSS_DISPATCH_FLOATING(grad.scalar_type(), "scale_grad_", [&] {
+    using acc = acc_type<scalar_t>;
+    using Vec = Vectorized<acc>;
+    constexpr int64_t V = Vec::size();
+    scalar_t* p = grad.data_ptr<scalar_t>();
+    const Vec vs(static_cast<acc>(s));
+    at::parallel_for(0, grad.numel(), kGrainElems, [&](int64_t i0, int64_t i1) {
+      acc buf[V];
+      for (int64_t i = i0; i < i1; i += V) {
+        const int64_t k = std::min(V, i1 - i);
+        vstore_as<scalar_t, acc>(p + i, vload_as<acc>(p + i, k, buf) * vs, k);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) { m.impl("scale_grad_", &scale_grad__cpu); }
+
+}  // namespace cpu
+}  // namespace fusedloss

@@ -1,0 +1,256 @@
+// Sigmoid binary cross-entropy with logits on CPU: sigmoid_bce_fwd, sigmoid_bce_bwd,
+// sigmoid_decode. Semantics: docs/OPS.md. Elementwise over (R, C), one task per group of rows.
+//
+// Math, with p = pos_weight (1 if None), y the target, w the weight (1 if None), and
+// e = exp(-|x|) (the one exp per element; never overflows):
+//   softplus(-x) = log(1 + exp(-x)) = max(-x, 0) + log1p(e)
+//   loss = w ((1 - y) x + (1 + (p - 1) y) softplus(-x))
+//   sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0
+//   d loss / dx = w ((1 - y) - (1 + (p - 1) y) sigmoid(-x))
+//              = w ((p y + 1 - y) sigmoid(x) - p y)      (using sigmoid(-x) = 1 - sigmoid(x))
+// Targets (float, bool or uint8), weight and pos_weight are read in place through their strides
+// (expanded (C,) or (R, 1) tensors have stride 0): no conversion copy of any (R, C) operand.
+// Labels compare in logit space, x > threshold[c] (strict: a logit at the threshold is negative);
+// counts (TP, FP, FN per class, target positive when y > 0.5) are summed in per-chunk int64
+// partials, then added: integer sums, so the result does not depend on the thread count.
+#include "cpu/common.h"
+
+namespace fusedloss {
+namespace cpu {
+namespace {
+
+struct BceJob {
+  Operand x, y, w, pw, gl;  // gl: per-element incoming gradient (sigmoid_bce_bwd)
+  const void* thr = nullptr; // (C,) logit thresholds in acc precision
+  double g = 1.0;            // grad_scale
+  bool loss_rows = false, loss_elem = false, grad = false, probs = false, labels = false,
+       count = false;
+  float* loss_rows_out = nullptr;
+  void* loss_elem_out = nullptr;  // scalar_t, (R, C) contiguous
+  void* grad_out = nullptr;       // scalar_t, (R, C) contiguous
+  void* probs_out = nullptr;      // scalar_t, (R, C) contiguous
+  bool* labels_out = nullptr;     // (R, C) contiguous
+};
+
+struct BceBuffers {
+  template <typename acc>
+  struct Of {
+    std::vector<acc> x, y, w, pw, gl;
+    Of() : x(kBlock), y(kBlock), w(kBlock), pw(kBlock), gl(kBlock) {}
+  };
+};
+
+// Rows [r0, r1); `cnt` is this chunk's (3, C) partial counts or null.
+template <typename scalar_t>
+void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, int64_t* cnt) {
+  using acc = acc_type<scalar_t>;
+  using Vec = Vectorized<acc>;
+  constexpr int64_t V = Vec::size();
+  BceBuffers::Of<acc> buf;
+  const acc* thr = static_cast<const acc*>(j.thr);
+  const bool need_y = j.loss_rows || j.loss_elem || j.grad || j.count;
+  const bool need_sig = j.grad || j.probs;
+  const bool need_loss = j.loss_rows || j.loss_elem;
+  const Vec zero(0), one(1), vg(static_cast<acc>(j.g));
+  for (int64_t r = r0; r < r1; ++r) {
+    Vec row_sum(0);
+    const int64_t ro = r * C;
+    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      const int64_t n = std::min(kBlock, C - c0);
+      const acc* xb = j.x.block<acc>(r, c0, n, buf.x.data());
+      const acc* yb = need_y ? j.y.block<acc>(r, c0, n, buf.y.data()) : nullptr;
+      const acc* wb = j.w.defined() ? j.w.block<acc>(r, c0, n, buf.w.data()) : nullptr;
+      const acc* pb = j.pw.defined() ? j.pw.block<acc>(r, c0, n, buf.pw.data()) : nullptr;
+      const acc* gb = j.gl.defined() ? j.gl.block<acc>(r, c0, n, buf.gl.data()) : nullptr;
+      if (need_loss || need_sig) {
+        for (int64_t i = 0; i < n; i += V) {
+          const int64_t k = std::min(V, n - i);
+          const Vec x = vload(xb + i, k);
+          const Vec e = vexp(x.abs().neg());
+          const Vec y = yb != nullptr ? vload(yb + i, k) : zero;
+          const Vec p = pb != nullptr ? vload(pb + i, k) : one;
+          if (need_loss) {
+            const Vec sp = at::vec::maximum(x.neg(), zero) + e.log1p();
+            Vec l = (one - y) * x + (pb != nullptr ? one + (p - one) * y : one) * sp;
+            if (wb != nullptr) l = l * vload(wb + i, k);
+            if (j.loss_rows) {
+              row_sum += k == V ? l : Vec::set(zero, l, k);
+            } else {
+              vstore_as<scalar_t, acc>(static_cast<scalar_t*>(j.loss_elem_out) + ro + c0 + i, l, k);
+            }
+          }
+          if (need_sig) {
+            const Vec rcp = one / (one + e);
+            const Vec sig = Vec::blendv(e * rcp, rcp, x >= zero);
+            if (j.probs) {
+              vstore_as<scalar_t, acc>(static_cast<scalar_t*>(j.probs_out) + ro + c0 + i, sig, k);
+            }
+            if (j.grad) {
+              Vec d;
+              if (pb != nullptr) {
+                const Vec py = p * y;
+                d = (py + one - y) * sig - py;
+              } else {
+                d = sig - y;
+              }
+              if (wb != nullptr) d = d * vload(wb + i, k);
+              d = gb != nullptr ? d * vload(gb + i, k) : d * vg;
+              vstore_as<scalar_t, acc>(static_cast<scalar_t*>(j.grad_out) + ro + c0 + i, d, k);
+            }
+          }
+        }
+      }
+      if (j.labels) {
+        bool* lb = j.labels_out + ro + c0;
+        const acc* tb = thr + c0;
+        for (int64_t i = 0; i < n; ++i) lb[i] = xb[i] > tb[i];
+        if (cnt != nullptr) {
+          int64_t* tp = cnt + c0;
+          int64_t* fp = cnt + C + c0;
+          int64_t* fn = cnt + 2 * C + c0;
+          for (int64_t i = 0; i < n; ++i) {
+            const int64_t lab = lb[i], pos = yb[i] > acc(0.5);
+            tp[i] += lab & pos;
+            fp[i] += lab & (1 - pos);
+            fn[i] += (1 - lab) & pos;
+          }
+        }
+      }
+    }
+    if (j.loss_rows) j.loss_rows_out[r] = static_cast<float>(hsum(row_sum));
+  }
+}
+
+// Runs the job over all rows; returns the (3, C) counts when j.count.
+template <typename scalar_t>
+Tensor run(const BceJob& j, int64_t R, int64_t C, const at::TensorOptions& opts) {
+  if (!j.count) {
+    at::parallel_for(0, R, row_grain(C),
+                     [&](int64_t r0, int64_t r1) { bce_rows<scalar_t>(j, C, r0, r1, nullptr); });
+    return Tensor();
+  }
+  // Fixed chunks, one (3, C) partial each; the sum over chunks is exact (integers).
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(R, at::get_num_threads()));
+  const int64_t per = R == 0 ? 0 : (R + chunks - 1) / chunks;
+  Tensor partial = at::zeros({chunks, 3, C}, opts.dtype(at::kLong));
+  int64_t* pp = partial.data_ptr<int64_t>();
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      bce_rows<scalar_t>(j, C, std::min(R, k * per), std::min(R, (k + 1) * per), pp + k * 3 * C);
+    }
+  });
+  return partial.sum(0);
+}
+
+at::ScalarType acc_dtype_of(const Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_bce_fwd_cpu(
+    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& pos_weight, const std::optional<Tensor>& grad_scale,
+    const std::optional<Tensor>& threshold, bool reduce_rows, bool compute_grad,
+    bool return_probs, bool count) {
+  const char* op = "sigmoid_bce_fwd";
+  check_logits(op, logits, /*need_unit_col_stride=*/false);
+  const int64_t R = logits.size(0), C = logits.size(1);
+  const auto o = logits.options();
+  check_elementwise_operand(op, "target", target, logits, /*allow_int_targets=*/true);
+  BceJob j;
+  j.x = Operand(logits);
+  j.y = Operand(target);
+  if (weight.has_value() && weight->defined()) {
+    check_elementwise_operand(op, "weight", *weight, logits, false);
+    j.w = Operand(*weight);
+  }
+  if (pos_weight.has_value() && pos_weight->defined()) {
+    check_elementwise_operand(op, "pos_weight", *pos_weight, logits, false);
+    j.pw = Operand(*pos_weight);
+  }
+  j.g = read_grad_scale(op, grad_scale);
+  const bool has_thr = threshold.has_value() && threshold->defined();
+  TORCH_CHECK(!count || has_thr, op, ": count=True needs a threshold");
+  Tensor thr;
+  if (has_thr) {
+    thr = class_vector(op, "threshold", *threshold, C, acc_dtype_of(logits));
+    j.thr = thr.data_ptr();
+  }
+  Tensor loss = reduce_rows ? at::empty({R}, o.dtype(at::kFloat)) : new_2d_output(R, C, o);
+  Tensor grad = compute_grad ? new_2d_output(R, C, o) : at::empty({0}, o);
+  Tensor labels = has_thr ? at::empty({R, C}, o.dtype(at::kBool)) : at::empty({0}, o.dtype(at::kBool));
+  Tensor probs = return_probs ? new_2d_output(R, C, o) : at::empty({0}, o);
+  j.loss_rows = reduce_rows;
+  j.loss_elem = !reduce_rows;
+  j.grad = compute_grad;
+  j.probs = return_probs;
+  j.labels = has_thr;
+  j.count = count;
+  if (reduce_rows) j.loss_rows_out = loss.data_ptr<float>(); else j.loss_elem_out = loss.data_ptr();
+  if (compute_grad) j.grad_out = grad.data_ptr();
+  if (return_probs) j.probs_out = probs.data_ptr();
+  if (has_thr) j.labels_out = labels.data_ptr<bool>();
+  Tensor counts;
+  FUSEDLOSS_DISPATCH_FLOATING(logits.scalar_type(), "sigmoid_bce_fwd",
+                              [&] { counts = run<scalar_t>(j, R, C, o); });
+  if (!count) counts = at::empty({0}, o.dtype(at::kLong));
+  return {loss, grad, labels, probs, counts};
+}
+
+Tensor sigmoid_bce_bwd_cpu(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
+                           const std::optional<Tensor>& weight,
+                           const std::optional<Tensor>& pos_weight) {
+  const char* op = "sigmoid_bce_bwd";
+  check_logits(op, logits, false);
+  const int64_t R = logits.size(0), C = logits.size(1);
+  check_elementwise_operand(op, "grad_loss", grad_loss, logits, false);
+  check_elementwise_operand(op, "target", target, logits, true);
+  BceJob j;
+  j.x = Operand(logits);
+  j.y = Operand(target);
+  j.gl = Operand(grad_loss);
+  if (weight.has_value() && weight->defined()) {
+    check_elementwise_operand(op, "weight", *weight, logits, false);
+    j.w = Operand(*weight);
+  }
+  if (pos_weight.has_value() && pos_weight->defined()) {
+    check_elementwise_operand(op, "pos_weight", *pos_weight, logits, false);
+    j.pw = Operand(*pos_weight);
+  }
+  Tensor grad = new_2d_output(R, C, logits.options());
+  j.grad = true;
+  j.grad_out = grad.data_ptr();
+  FUSEDLOSS_DISPATCH_FLOATING(logits.scalar_type(), "sigmoid_bce_bwd",
+                              [&] { run<scalar_t>(j, R, C, logits.options()); });
+  return grad;
+}
+
+std::tuple<Tensor, Tensor> sigmoid_decode_cpu(const Tensor& logits, const Tensor& threshold,
+                                              bool return_probs) {
+  const char* op = "sigmoid_decode";
+  check_logits(op, logits, false);
+  const int64_t R = logits.size(0), C = logits.size(1);
+  const auto o = logits.options();
+  const Tensor thr = class_vector(op, "threshold", threshold, C, acc_dtype_of(logits));
+  Tensor labels = at::empty({R, C}, o.dtype(at::kBool));
+  Tensor probs = return_probs ? new_2d_output(R, C, o) : at::empty({0}, o);
+  BceJob j;
+  j.x = Operand(logits);
+  j.thr = thr.data_ptr();
+  j.labels = true;
+  j.labels_out = labels.data_ptr<bool>();
+  j.probs = return_probs;
+  if (return_probs) j.probs_out = probs.data_ptr();
+  FUSEDLOSS_DISPATCH_FLOATING(logits.scalar_type(), "sigmoid_decode", [&] { run<scalar_t>(j, R, C, o); });
+  return {labels, probs};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedloss, CPU, m) {
+  m.impl("sigmoid_bce_fwd", &sigmoid_bce_fwd_cpu);
+  m.impl("sigmoid_bce_bwd", &sigmoid_bce_bwd_cpu);
+  m.impl("sigmoid_decode", &sigmoid_decode_cpu);
+}
+
+}  // namespace cpu
+}  // namespace fusedloss
