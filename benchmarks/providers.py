@@ -1,0 +1,298 @@
+"""The implementations being compared (providers), their inputs, and the correctness check
+each must pass before it is timed.
+
+Every provider is a function of the same inputs returning `Out(loss, grad, decodings)`:
+- fwd:     the loss (and decodings); the logits do not require grad.
+- fwd+bwd: the loss, then `torch.autograd.grad(loss, logits)`, as for logits inside a
+  network: the gradient is a fresh tensor handed to the layer below, never accumulated into
+  a `.grad` (accumulating would add a read-modify-write of a logits-sized buffer per call).
+
+Providers: each built fusedloss backend through the public API (docs/API.md), eager torch,
+torch.compile of the eager function, Liger-Kernel's cross entropy and quack's (GPU only).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from cases import Case
+
+# Under TRITON_INTERPRET=1 the triton backend runs on CPU tensors, slowly (64x1000 fp32 takes
+# 0.3-1.6 s, ../ENVIRONMENT.md): only cases this small are given to it.
+TRITON_INTERPRET_MAX_NUMEL = 1 << 16
+
+
+@dataclass
+class Out:
+    loss: torch.Tensor
+    grad: torch.Tensor | None
+    dec: dict = field(default_factory=dict)
+
+
+@dataclass
+class Inputs:
+    case: Case
+    x: torch.Tensor                 # (R, C) logits; requires grad for fwd+bwd
+    target: torch.Tensor            # CE: (R,) int64; BCE: (R, C) 0/1 in the logits' dtype
+    target_u8: torch.Tensor | None  # BCE: the same targets as uint8
+
+
+def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(case.rows, case.classes, generator=g, device=device,
+                    dtype=torch.float32).to(case.torch_dtype)
+    if case.op == "softmax_ce":
+        t = torch.randint(0, case.classes, (case.rows,), generator=g, device=device)
+        t_u8 = None
+    else:
+        # ~10% positives: multi-label targets are sparse.
+        t_u8 = (torch.rand(case.rows, case.classes, generator=g, device=device) < 0.1) \
+            .to(torch.uint8)
+        t = t_u8.to(case.torch_dtype)
+    x.requires_grad_(case.backward)
+    return Inputs(case, x, t, t_u8)
+
+
+# ---- the eager functions (also what torch.compile compiles) ---------------------------------
+
+def ce_eager(x, t):
+    return F.cross_entropy(x, t), {}
+
+
+def ce_eager_decode(x, t):
+    loss = F.cross_entropy(x, t)
+    xd = x.detach()
+    pred = xd.argmax(-1)
+    lse = torch.logsumexp(xd.float(), -1)
+    conf = torch.exp(xd.gather(-1, pred.unsqueeze(-1)).squeeze(-1).float() - lse)
+    return loss, {"pred": pred, "confidence": conf, "correct": pred == t}
+
+
+def bce_eager(x, y):
+    return F.binary_cross_entropy_with_logits(x, y), {}
+
+
+def _bce_counts(labels, pos):
+    return torch.stack([(labels & pos).sum(0), (labels & ~pos).sum(0), (~labels & pos).sum(0)])
+
+
+def bce_eager_decode(x, y):
+    loss = F.binary_cross_entropy_with_logits(x, y)
+    labels = x.detach() > 0  # threshold 0.5 <=> logit 0, strict as in fusedloss
+    return loss, {"labels": labels, "counts": _bce_counts(labels, y > 0.5)}
+
+
+def bce_eager_u8(x, y8):
+    return bce_eager(x, y8.to(x.dtype))
+
+
+def bce_eager_u8_decode(x, y8):
+    return bce_eager_decode(x, y8.to(x.dtype))
+
+
+# ---- providers ----------------------------------------------------------------------------
+
+@dataclass
+class Runner:
+    fn: Callable[[], Out]
+    setup: Callable[[], None] | None = None  # untimed, before each call
+    note: str = ""
+
+
+@dataclass
+class Provider:
+    name: str      # "eager", "compile", "fusedloss-native", "liger", "quack", ...
+    target: str    # dtype of the targets it is given: "int64", "float", "uint8"
+    make: Callable[[Inputs], Runner]
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name if self.target in ("int64", "float") else f"{self.name} [u8 target]"
+
+
+def _run(call, x, tgt, backward: bool) -> Callable[[], Out]:
+    if backward:
+        def fn():
+            loss, dec = call(x, tgt)
+            (grad,) = torch.autograd.grad(loss, x)
+            return Out(loss.detach(), grad, dec)
+    else:
+        def fn():
+            loss, dec = call(x, tgt)
+            return Out(loss, None, dec)
+    return fn
+
+
+def _targets(inp: Inputs, kind: str) -> torch.Tensor:
+    return inp.target_u8 if kind == "uint8" else inp.target
+
+
+def _eager_fn(case: Case, kind: str):
+    if case.op == "softmax_ce":
+        return ce_eager_decode if case.decode else ce_eager
+    if kind == "uint8":
+        return bce_eager_u8_decode if case.decode else bce_eager_u8
+    return bce_eager_decode if case.decode else bce_eager
+
+
+def eager_provider(case: Case) -> Provider:
+    kind = "int64" if case.op == "softmax_ce" else "float"
+
+    def make(inp):
+        return Runner(_run(_eager_fn(case, kind), inp.x, inp.target, case.backward))
+    return Provider("eager", kind, make)
+
+
+def compile_provider(case: Case, kind: str) -> Provider:
+    def make(inp):
+        torch._dynamo.reset()  # a fresh cache per case: no recompile limits, no dynamic shapes
+        compiled = torch.compile(_eager_fn(case, kind), dynamic=False)
+        return Runner(_run(compiled, inp.x, _targets(inp, kind), case.backward),
+                      note="mode=default")
+    return Provider("compile", kind, make)
+
+
+def fusedloss_provider(case: Case, backend: str, kind: str) -> Provider:
+    import fusedloss
+
+    if case.op == "softmax_ce":
+        def call(x, t):
+            if not case.decode:
+                return fusedloss.cross_entropy(x, t, backend=backend), {}
+            o = fusedloss.cross_entropy(x, t, backend=backend, return_decoding=True)
+            return o.loss, {"pred": o.pred, "confidence": o.confidence, "correct": o.correct}
+    else:
+        def call(x, y):
+            if not case.decode:
+                return fusedloss.binary_cross_entropy_with_logits(x, y, backend=backend), {}
+            o = fusedloss.binary_cross_entropy_with_logits(x, y, backend=backend, threshold=0.5,
+                                                           return_counts=True)
+            return o.loss, {"labels": o.labels, "counts": o.counts}
+
+    def make(inp):
+        return Runner(_run(call, inp.x, _targets(inp, kind), case.backward))
+    return Provider(f"fusedloss-{backend}", kind, make)
+
+
+def liger_provider(case: Case) -> Provider:
+    def make(inp):
+        # Liger writes the gradient into its input: give it a copy, restored before each call
+        # (untimed).
+        work = inp.x.detach().clone().requires_grad_(case.backward)
+
+        def restore():
+            with torch.no_grad():
+                work.copy_(inp.x)
+
+        return Runner(_run(_liger_call(case), work, inp.target, case.backward), setup=restore,
+                      note="input restored before each call (untimed)"
+                      + ("; decodes pred only" if case.decode else ""))
+    return Provider("liger", "int64", make)
+
+
+def _liger_call(case: Case):
+    from liger_kernel.transformers.functional import liger_cross_entropy
+
+    def call(x, t):
+        out = liger_cross_entropy(x, t, return_predicted_tokens=case.decode)
+        loss = out[0] if isinstance(out, tuple) else out
+        if case.decode:
+            return loss, {"pred": out[3]}
+        return loss, {}
+    return call
+
+
+def quack_provider(case: Case) -> Provider:
+    from quack.cross_entropy import cross_entropy as quack_ce
+
+    def make(inp):
+        return Runner(_run(lambda x, t: (quack_ce(x, t, reduction="mean"), {}), inp.x,
+                           inp.target, case.backward))
+    return Provider("quack", "int64", make)
+
+
+def _importable(module: str) -> str:
+    """'' if `module` imports, else the reason."""
+    try:
+        importlib.import_module(module)
+        return ""
+    except Exception as e:  # noqa: BLE001  (any import failure means: not available)
+        return f"{type(e).__name__}: {e}".splitlines()[0][:120]
+
+
+def providers_for(case: Case, device: torch.device) -> tuple[list[Provider], list[tuple]]:
+    """The providers to run on `case`, and (name, reason) for those skipped."""
+    provs: list[Provider] = [eager_provider(case)]
+    skipped: list[tuple] = []
+    provs.append(compile_provider(case, "int64" if case.op == "softmax_ce" else "float"))
+    if case.op == "sigmoid_bce":
+        provs.append(compile_provider(case, "uint8"))
+
+    import fusedloss
+
+    have_api = hasattr(fusedloss, "cross_entropy") and hasattr(
+        fusedloss, "binary_cross_entropy_with_logits")
+    backends = fusedloss.available_backends(device)
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if device.type == "cpu" and interp and "triton" not in backends and "triton" in _registered():
+        backends.append("triton")  # the interpreter runs it on CPU tensors
+    for b in backends:
+        name = f"fusedloss-{b}"
+        if not have_api:
+            skipped.append((name, "fusedloss.cross_entropy is not in this checkout yet"))
+            continue
+        if b == "triton" and device.type == "cpu":
+            if not interp:
+                skipped.append((name, "Triton on CPU needs TRITON_INTERPRET=1"))
+                continue
+            if case.numel > TRITON_INTERPRET_MAX_NUMEL:
+                skipped.append((name, f"interpreter: only cases up to "
+                                      f"{TRITON_INTERPRET_MAX_NUMEL} elements"))
+                continue
+        kind = "int64" if case.op == "softmax_ce" else "float"
+        provs.append(fusedloss_provider(case, b, kind))
+        if case.op == "sigmoid_bce":
+            provs.append(fusedloss_provider(case, b, "uint8"))
+    for name in ("native", "triton"):
+        if name not in backends:
+            skipped.append((f"fusedloss-{name}", _unavailable_reason(name, device)))
+
+    if case.op == "softmax_ce":
+        for name, module, build in (("liger", "liger_kernel.transformers.functional",
+                                     liger_provider),
+                                    ("quack", "quack.cross_entropy", quack_provider)):
+            if device.type != "cuda":
+                skipped.append((name, "GPU only"))
+                continue
+            if name == "quack" and case.decode:
+                skipped.append((name, "computes no decodings"))
+                continue
+            why = _importable(module)
+            if why:
+                skipped.append((name, f"not importable ({why})"))
+                continue
+            provs.append(build(case))
+    return provs, skipped
+
+
+def _registered() -> list[str]:
+    from fusedloss import _backend
+
+    return list(_backend._REGISTRY)
+
+
+def _unavailable_reason(name: str, device: torch.device) -> str:
+    from fusedloss import _backend
+
+    if name in _backend._REGISTRY:
+        if name == "triton" and device.type == "cpu":
+            return "Triton on CPU needs TRITON_INTERPRET=1"
+        return f"not available for {device.type}"
+    return f"not built ({_backend.KNOWN.get(name) or 'not registered'})"
