@@ -104,6 +104,14 @@ def log1p_small(e):
     return tl.where(e < 1e-4, e * (1.0 - e * (0.5 - e / 3.0)), tl.log(1.0 + e))
 
 
+def split_f64(value: float) -> tuple[float, float]:
+    """A Python float as two fp32 kernel arguments hi + lo (Triton passes float scalars as
+    fp32): the kernel adds them in its accumulation type, so fp64 kernels see the value to
+    ~2^-48 relative instead of fp32's 2^-24 (e.g. label_smoothing=0.1), fp32 kernels see hi."""
+    hi = float(torch.tensor(value, dtype=torch.float32))
+    return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
 _DUMMIES: dict = {}
 
 

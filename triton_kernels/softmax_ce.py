@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from ._common import (LOGITS_DTYPES, acc_dtype, acc_torch, dummy, signature, softmax_config,
-                      softmax_configs, tanh)
+                      softmax_configs, split_f64, tanh)
 
 # Runtime switches and C: Triton would otherwise specialise an int equal to 1 into a constant
 # (one more compiled variant, and `C.to(...)` breaks on a constant).
@@ -73,7 +73,8 @@ def _softmax_ce_kernel(
     loss_ptr,                   # (R,) ACC dtype (FORWARD)
     grad_ptr, grad_stride,      # (R, C) gradient, may alias x_ptr (in-place) (GRAD)
     pred_ptr, conf_ptr,         # (R,) int64 / fp32 (decode)
-    C, ignore_index, eps, zs, cap,
+    C, ignore_index,
+    eps_hi, eps_lo, zs_hi, zs_lo, cap_hi, cap_lo,  # fp64 scalars as fp32 pairs (see split_f64)
     smooth, need_v, decode, has_scale,  # runtime 0/1 switches
     TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
     FORWARD: tl.constexpr, GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -82,6 +83,9 @@ def _softmax_ce_kernel(
     x_row = x_ptr + row * x_stride
     offs = tl.arange(0, BLOCK)
     inv_c = 1.0 / C.to(ACC)
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+    zs = (tl.zeros([], ACC) + zs_hi) + zs_lo
+    cap = (tl.zeros([], ACC) + cap_hi) + cap_lo
 
     # Class-index target: its logit and weight are read directly (no pass over the row).
     ignored = False
@@ -122,7 +126,7 @@ def _softmax_ce_kernel(
             m_new = tl.maximum(m, b_max)
             r_old = tl.where(tl.abs(m) < _INF, m, 0.0)
             r_new = tl.where(tl.abs(m_new) < _INF, m_new, 0.0)
-            alpha = tl.where(m == -_INF, 0.0, tl.exp(r_old - r_new))
+            alpha = tl.exp(tl.where(m == -_INF, -_INF, r_old - r_new))  # 0 before any finite z
             s = s * alpha + tl.sum(tl.exp(z - r_new), axis=0)
             m = m_new
         if need_v != 0:
@@ -148,7 +152,7 @@ def _softmax_ce_kernel(
         tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
         if TARGET == 1:
             z_t = _capped(tl.load(x_row + t).to(ACC), cap, SOFTCAP)
-            loss = (1.0 - eps) * w_t * (lse - z_t)
+            loss = (1.0 - eps) * w_t * ((r - z_t) + log_s)  # = lse - z_t, without rounding lse
             if smooth != 0:
                 loss += eps * inv_c * (v_sum * log_s - a)
         else:
@@ -163,8 +167,14 @@ def _softmax_ce_kernel(
             pred = tl.where(nan_idx < _BIG, nan_idx, best_idx)
             tl.store(pred_ptr + row, pred.to(tl.int64))
             tl.store(conf_ptr + row, tl.exp(best - lse).to(tl.float32))
+        # p_c = exp(z_c - r) / s: z - r is exact near the max, where exp(z - lse) would carry
+        # lse's rounding (an ulp of |lse| ~ 1e-3 at |logits| ~ 1e4 in fp32).
+        p_shift = r
+        p_mul = 1.0 / s
     else:
         lse = tl.load(lse_ptr + row).to(ACC)
+        p_shift = lse
+        p_mul = tl.full([], 1.0, ACC)
 
     # ---- pass 2: gradient -----------------------------------------------------------------
     if GRAD:
@@ -183,7 +193,7 @@ def _softmax_ce_kernel(
             mask = cols < C
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
             z = _capped(x, cap, SOFTCAP)
-            dz = tl.exp(z - lse) * coef
+            dz = tl.exp(z - p_shift) * (p_mul * coef)
             if TARGET == 1:
                 dz -= tl.where(cols == t, (1.0 - eps) * w_t, 0.0)
                 if smooth != 0:
@@ -240,7 +250,7 @@ def _pointer_types(dtype, target_kind):
 
 
 _SCALARS = dict(x_stride="i32", t_stride="i32", scale_stride="i32", grad_stride="i32",
-                eps="fp32", zs="fp32", cap="fp32")
+                **{f"{n}_{p}": "fp32" for n in ("eps", "zs", "cap") for p in ("hi", "lo")})
 
 
 def _launch(logits, target, weight, scale, scale_stride, lse, loss, grad, pred, conf,
@@ -274,8 +284,8 @@ def _launch(logits, target, weight, scale, scale_stride, lse, loss, grad, pred, 
         lse, ptr(loss, "loss_ptr"),
         ptr(grad, "grad_ptr"), grad.stride(0) if grad is not None else 0,
         ptr(pred if decode else None, "pred_ptr"), ptr(conf if decode else None, "conf_ptr"),
-        classes, int(ignore_index), float(label_smoothing), float(lse_square_scale),
-        float(softcap) if softcap > 0 else 1.0,
+        classes, int(ignore_index), *split_f64(label_smoothing), *split_f64(lse_square_scale),
+        *split_f64(softcap if softcap > 0 else 1.0),
         int(label_smoothing > 0), int(target_kind == 2 or label_smoothing > 0), int(bool(decode)),
         int(scale is not None),
         **_constexprs(logits.dtype, target_kind, weight is not None, softcap > 0, forward,
