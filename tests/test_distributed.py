@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import tempfile
 import time
@@ -231,6 +232,24 @@ def extreme_logits(rank, world, backend):
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=4 * ulp)
     torch.testing.assert_close(local.grad.double(), ref_grad[:, start:start + size],
                                rtol=0, atol=4 * ulp)
+
+
+@case
+def masked_vocabulary_slice(rank, world, backend):
+    # rows whose whole slice on rank 0 is -inf (a masked / padded part of the vocabulary):
+    # p = 0 there, and the other ranks' gradients are unaffected
+    x, t, w = _data()
+    size0 = LAYOUTS[world][0]
+    x[4:6, :size0] = -math.inf
+    t[4:6] = C - 1  # a target outside the masked slice
+    start, size = _layout(rank, world)
+    local = x[:, start:start + size].clone().requires_grad_()
+    loss = D.cross_entropy(local, t, weight=w, ignore_index=IGNORE, lse_square_scale=1e-2,
+                           reduction="sum", backend=backend)
+    loss.backward()
+    ref_loss, ref_grad = _oracle(x, t, w, "sum", 0.0, 1e-2, torch.tensor(1.0))
+    torch.testing.assert_close(loss.double(), ref_loss, **F32)
+    torch.testing.assert_close(local.grad.double(), ref_grad[:, start:start + size], **F32)
 
 
 @case
