@@ -235,6 +235,56 @@ def extreme_logits(rank, world, backend):
 
 
 @case
+def subgroup_only(rank, world, backend):
+    # tensor parallelism over a sub-group (ranks 0 and world-1), as beside data parallelism:
+    # every collective must use that group; the rank outside it takes no part
+    members = [0, world - 1]
+    sub = dist.new_group(members)  # collective over the default group: every rank calls it
+    if rank not in members:
+        return
+    seen = []
+    orig = D._all_gather
+
+    def recording(out, inp, group):
+        seen.append(group)
+        orig(out, inp, group)
+
+    D._all_gather = recording
+    try:
+        sub_rank = members.index(rank)
+        x, t, w = _data()
+        start, size = _layout(sub_rank, 2)
+        local = x[:, start:start + size].clone().requires_grad_()
+        out = D.cross_entropy(local, t, group=sub, weight=w, ignore_index=IGNORE,
+                              label_smoothing=0.1, backend=backend, return_decoding=True)
+        out.loss.backward()
+    finally:
+        D._all_gather = orig
+    assert seen and all(g is sub for g in seen), seen
+    ref_loss, ref_grad = _oracle(x, t, w, "mean", 0.1, 0.0, torch.tensor(1.0))
+    torch.testing.assert_close(out.loss.double(), ref_loss, **F32)
+    torch.testing.assert_close(local.grad.double(), ref_grad[:, start:start + size], **F32)
+    assert torch.equal(out.pred, torch.argmax(x, -1))
+
+
+@case
+def empty_batch(rank, world, backend):
+    # zero rows: torch gives NaN for mean, 0 for sum, an empty tensor for none
+    x = torch.empty(0, C)
+    t = torch.empty(0, dtype=torch.int64)
+    start, size = _layout(rank, world)
+    local = x[:, start:start + size].clone().requires_grad_()
+    outs = {red: D.cross_entropy(local, t, reduction=red, backend=backend,
+                                 return_decoding=True)
+            for red in ("none", "mean", "sum")}
+    outs["sum"].loss.backward()
+    assert outs["none"].loss.shape == (0,) and outs["none"].pred.shape == (0,)
+    assert torch.isnan(outs["mean"].loss) and torch.isnan(F.cross_entropy(x, t))
+    assert outs["sum"].loss.item() == 0.0
+    assert local.grad.shape == local.shape
+
+
+@case
 def masked_vocabulary_slice(rank, world, backend):
     # rows whose whole slice on rank 0 is -inf (a masked / padded part of the vocabulary):
     # p = 0 there, and the other ranks' gradients are unaffected

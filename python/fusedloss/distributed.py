@@ -455,8 +455,8 @@ def cross_entropy(local_logits: Tensor, target: Tensor, *, group=None,
         collective on the others, and an out-of-range target gives a NaN loss.
 
     Collectives: forward 1 all_gather of (2 + [smoothing] + 2*[decoding]) * rows floats per
-    rank (+1 header all_gather when validate, +1 sizes all_gather when class_start is None);
-    backward none. Returns a Tensor in local_logits' dtype (shape target.shape for
+    rank, plus 1 header all_gather when validate (which also yields the default class_start),
+    or, without validate, 1 sizes all_gather when class_start is None; backward none. Returns a Tensor in local_logits' dtype (shape target.shape for
     reduction='none'), or CrossEntropyOutput(loss, pred, confidence, correct).
     """
     world = dist.get_world_size(group)
