@@ -46,6 +46,10 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if fused_grad and inplace:
             loss, lse, pred, conf = ops.softmax_ce_fwd_inplace(
                 logits, target, weight, grad_scale, *args, decode)
+            if not torch.compiler.is_compiling():
+                # A C++ op's (a!) annotation does not bump autograd's version counter in eager
+                # mode (no ADInplaceOrView kernel); do it so stale uses of the logits raise.
+                torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(logits, target, weight, lse, grad_scale)
             ctx.fused_grad = logits
         else:
