@@ -201,11 +201,10 @@ def _liger_call(case: Case):
     from liger_kernel.transformers.functional import liger_cross_entropy
 
     def call(x, t):
-        out = liger_cross_entropy(x, t, return_predicted_tokens=case.decode)
-        loss = out[0] if isinstance(out, tuple) else out
-        if case.decode:
-            return loss, {"pred": out[3]}
-        return loss, {}
+        if case.decode:  # -> CrossEntropyOutput(loss, z_loss, token_accuracy, predicted_tokens)
+            out = liger_cross_entropy(x, t, return_predicted_tokens=True)
+            return out.loss, {"pred": out.predicted_tokens}
+        return liger_cross_entropy(x, t), {}
     return call
 
 
@@ -268,8 +267,10 @@ def providers_for(case: Case, device: torch.device) -> tuple[list[Provider], lis
         for name, module, build in (("liger", "liger_kernel.transformers.functional",
                                      liger_provider),
                                     ("quack", "quack.cross_entropy", quack_provider)):
-            if device.type != "cuda":
-                skipped.append((name, "GPU only"))
+            if device.type != "cuda" and not (name == "liger" and interp
+                                              and case.numel <= TRITON_INTERPRET_MAX_NUMEL):
+                skipped.append((name, "GPU only (liger: or tiny cases under TRITON_INTERPRET=1)"
+                                 if name == "liger" else "GPU only"))
                 continue
             if name == "quack" and case.decode:
                 skipped.append((name, "computes no decodings"))

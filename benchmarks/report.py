@@ -123,7 +123,7 @@ def markdown(rows: list[dict], envs: list[dict], skipped: dict, title: str) -> s
             "err loss/grad", "status / notes"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "|".join("---" for _ in head) + "|")
-        for r in sorted(rs, key=lambda r: (r["thp"], r["order"])):
+        for r in sorted(rs, key=lambda r: (r["order"], r["thp"])):
             ok = r["status"] == "ok"
             note = "ok" if ok else f"**{r['status']}**: {r['reason']}"
             if r.get("compile_s") is not None:
@@ -136,8 +136,8 @@ def markdown(rows: list[dict], envs: list[dict], skipped: dict, title: str) -> s
                 _f(r["iqr_ms"], ".3f") if ok else "-",
                 _f(r["gbps"], ".1f") if ok else "-",
                 _f(r["pct_copy"], ".0f") if ok else "-",
-                _f(r["x_ideal"], ".2f") if ok else "-",
-                _f(r["speedup_vs_eager"], ".2f") if ok else "-",
+                _f(r["x_ideal"], ".3g") if ok else "-",
+                _f(r["speedup_vs_eager"], ".3g") if ok else "-",
                 _f(None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 1e6, ".1f"),
                 errs, note]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")

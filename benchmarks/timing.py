@@ -28,6 +28,7 @@ class Stats:
     p25_s: float
     p75_s: float
     reps: int
+    min_s: float
 
     @property
     def iqr_s(self) -> float:
@@ -36,9 +37,9 @@ class Stats:
 
 def summarize(times: list[float]) -> Stats:
     if len(times) == 1:
-        return Stats(times[0], times[0], times[0], 1)
+        return Stats(times[0], times[0], times[0], 1, times[0])
     q = statistics.quantiles(times, n=4, method="inclusive")
-    return Stats(statistics.median(times), q[0], q[2], len(times))
+    return Stats(statistics.median(times), q[0], q[2], len(times), min(times))
 
 
 class Timer:

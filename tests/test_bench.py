@@ -32,11 +32,14 @@ from providers import Out, make_inputs  # noqa: E402
 
 
 def _run(*args: str, env: dict | None = None, timeout: float = 240):
+    """Run the benchmark program. TRITON_INTERPRET (set by conftest.py on GPU-less machines)
+    is not passed on unless `env` sets it: the interpreter takes seconds a call."""
     # One torch thread: on a loaded 2-core machine a 2-thread OpenMP region can stall for a
     # scheduler slice (~20 ms) per op, which makes the smoke run slow, not wrong.
     cmd = [sys.executable, str(BENCH / "run.py"), "--no-progress", "--threads", "1", *args]
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=REPO)
+                          env={**base, **(env or {})}, cwd=REPO)
 
 
 def _load(out_dir: Path) -> tuple[dict, str]:
@@ -49,13 +52,13 @@ def _finite_pos(v) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
 
 
-def _check_ok_row(r: dict) -> None:
+def _check_ok_row(r: dict, min_reps: int = PROFILES["smoke"].min_reps) -> None:
     assert r["status"] == "ok", (r["label"], r["reason"])
     for k in ("median_ms", "gbps", "copy_gbps", "pct_copy", "x_ideal", "speedup_vs_eager",
               "bytes", "first_call_s"):
         assert _finite_pos(r[k]), (r["label"], k, r[k])
     assert r["p25_ms"] <= r["median_ms"] <= r["p75_ms"]
-    assert r["reps"] >= PROFILES["smoke"].min_reps
+    assert r["reps"] >= min_reps
     assert r["loss_err"] <= r["tol"][0]
     if r["pass"] == "fwd+bwd":
         assert r["grad_err"] <= r["tol"][1]
@@ -72,7 +75,8 @@ def test_smoke_profile_writes_checked_rows(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     data, md = _load(tmp_path)
     rows = data["rows"]
-    backends = fusedloss.available_backends("cpu")
+    # triton runs on CPU only under the interpreter, which this run does not set
+    backends = [b for b in fusedloss.available_backends("cpu") if b != "triton"]
     have_api = hasattr(fusedloss, "cross_entropy")
     for case in PROFILES["smoke"].cases:
         mine = [r for r in rows if (r["op"], r["rows"], r["classes"], r["dtype"], r["pass"],
@@ -108,6 +112,21 @@ def test_compile_row_and_custom_case(tmp_path):
     assert by["eager"]["speedup_vs_eager"] == pytest.approx(1.0)
 
 
+def test_interpreted_triton_and_liger_rows(tmp_path):
+    # Under TRITON_INTERPRET=1 the triton backend and Liger run on CPU tensors (tiny cases
+    # only): this checks their providers (Liger's input restore included) without a GPU.
+    p = _run("--cases", "ce:8x40:fp32:fwd+bwd", "bce:8x16:fp32:fwd+bwd",
+             "--providers", "eager,fusedloss-triton,liger", "--out", str(tmp_path),
+             env={"TRITON_INTERPRET": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    data, _ = _load(tmp_path)
+    labels = sorted(r["label"] for r in data["rows"])
+    assert labels == sorted(["eager", "liger", "fusedloss-triton", "eager", "fusedloss-triton",
+                             "fusedloss-triton [u8 target]"])
+    for r in data["rows"]:
+        _check_ok_row(r, min_reps=2)
+
+
 def test_thp_both_runs_each_setting(tmp_path):
     p = _run("--cases", "bce:32x8:fp32:fwd", "--providers", "eager", "--thp", "both",
              "--out", str(tmp_path))
@@ -129,8 +148,13 @@ def test_thp_both_runs_each_setting(tmp_path):
 def test_bad_case_is_rejected_by_name(bad, what):
     with pytest.raises(ValueError, match=what.replace("(", r"\(")):
         parse_case(bad)
-    p = _run("--cases", bad)
-    assert p.returncode == 2 and what in p.stderr
+
+
+def test_bad_arguments_exit_with_the_message():
+    p = _run("--cases", "ce:16by40:fp32:fwd")
+    assert p.returncode == 2 and "shape '16by40' is not ROWSxCLASSES" in p.stderr
+    p = _run("--min-reps", "0")
+    assert p.returncode == 2 and "--min-reps must be >= 1, got 0" in p.stderr
 
 
 def test_bytes_model_matches_hand_counts():
