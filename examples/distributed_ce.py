@@ -33,7 +33,7 @@ def shard_sizes(vocab: int, world: int) -> list[int]:
     return sizes
 
 
-def gathered_reference(local_logits, target, group=None):
+def gathered_reference(local_logits, target, label_smoothing=0.0, group=None):
     """The baseline: all_gather the logits (vocab-sized per token), run torch on the full
     logits, keep this rank's slice of the gradient. Returns (loss, local grad, full logits)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -43,8 +43,8 @@ def gathered_reference(local_logits, target, group=None):
     padded = F.pad(local_logits.detach(), (0, width - local_logits.shape[-1])).contiguous()
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
-    full = torch.cat([p[:, :s] for p, s in zip(parts, sizes)], dim=-1).requires_grad_()
-    loss = F.cross_entropy(full, target)
+    full = torch.cat([p[:, :s] for p, s in zip(parts, sizes, strict=True)], dim=-1).requires_grad_()
+    loss = F.cross_entropy(full, target, label_smoothing=label_smoothing)
     loss.backward()
     start = sum(sizes[:rank])
     return loss.detach(), full.grad[:, start:start + sizes[rank]], full.detach()
@@ -105,7 +105,7 @@ def run(args) -> None:
         x = logits.detach().requires_grad_()  # a fresh leaf, no copy
         loss_fn(x, target).loss.backward()
     def gathered():
-        gathered_reference(logits, target)
+        gathered_reference(logits, target, args.label_smoothing)  # (no z-loss term)
     for name, fn in (("fusedloss.distributed", ours), ("all_gather + F.cross_entropy", gathered)):
         fn()
         dist.barrier()

@@ -23,11 +23,12 @@ buffer) and combines them itself, identically:
 The gradient on rank q's slice needs nothing from the other ranks once lse is known:
     dloss/dz_c = p_c ((1-eps) w_t + (eps/C) W + 2 s lse) - (1-eps) w_t [c == t] - (eps/C) w_c,
     p_c = exp(z_c - lse),
-so the backward runs NO collective. It is computed here with torch ops (on the CPU torch's
-softmax of the slice rescaled by exp(lse_q - lse): two passes; elsewhere three): the op `softmax_ce_bwd` cannot be reused, because for a row whose target
-lives on another rank it must produce `p_c * coef` without a one-hot term, and the op either
-zeroes such a row (ignored target) or adds a one-hot term (any valid target); see
-docs/distributed.md for the op extension that would make it one pass.
+so the backward runs NO collective. It is computed here with torch ops (on the CPU, torch's
+softmax of the slice rescaled by exp(lse_q - lse): two passes; elsewhere three). The op
+`softmax_ce_bwd` cannot be reused: for a row whose target lives on another rank it must give
+`p_c * coef` without a one-hot term, and the op either zeroes such a row (ignored target) or
+adds a one-hot term (any valid target); docs/distributed.md proposes the op that would make it
+one pass.
 
 Collectives per forward (all on `group`, nothing else is touched, so data parallelism over
 other process groups (DDP, FSDP) composes):
@@ -456,8 +457,9 @@ def cross_entropy(local_logits: Tensor, target: Tensor, *, group=None,
 
     Collectives: forward 1 all_gather of (2 + [smoothing] + 2*[decoding]) * rows floats per
     rank, plus 1 header all_gather when validate (which also yields the default class_start),
-    or, without validate, 1 sizes all_gather when class_start is None; backward none. Returns a Tensor in local_logits' dtype (shape target.shape for
-    reduction='none'), or CrossEntropyOutput(loss, pred, confidence, correct).
+    or, without validate, 1 sizes all_gather when class_start is None; backward none.
+    Returns a Tensor in local_logits' dtype (shape target.shape for reduction='none'), or
+    CrossEntropyOutput(loss, pred, confidence, correct) with return_decoding.
     """
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
