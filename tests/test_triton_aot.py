@@ -52,16 +52,9 @@ def test_aot_check_reports_a_kernel_the_compiler_rejects(tmp_path):
         "    tl.store(x_ptr, acc)\n"
         "def specialisations():\n"
         "    yield bad, {'x_ptr': '*fp32', 'n': 'i32'}, {}, 4\n")
-    code = (
-        "import sys, importlib; sys.path.insert(0, %r)\n"
-        "sys.path.insert(0, %r)\n"
-        "import triton_aot_check as c\n"
-        "real = importlib.import_module\n"
-        "importlib.import_module = lambda n: real('bad_kernel_mod') if n.endswith('.bad') "
-        "else real(n)\n"
-        "sys.exit(c.main(['--only', 'bad']))\n" % (str(tmp_path), str(SCRIPT.parent)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--only", "bad_kernel_mod"], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL" in proc.stdout and "0/1 specialisations compiled" in proc.stdout

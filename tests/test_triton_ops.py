@@ -526,7 +526,7 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True)(x, t, bx, by)
     want = f(x, t, bx, by)
-    for a, b in zip(got, want):  # the sums may be reduced in another order by inductor
+    for a, b in zip(got, want, strict=True):  # the sums may be reduced in another order by inductor
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
     close(got[0], torch.nn.functional.cross_entropy(x.to(F64), t, reduction="sum"),
           LOSS_TOL[torch.float32])

@@ -11,8 +11,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOGITS_DTYPES, SCALE_BLOCK, SCALE_WARPS, acc_dtype, acc_torch, scale_config,
-                      signature)
+from ._common import (
+    LOGITS_DTYPES,
+    SCALE_BLOCK,
+    SCALE_WARPS,
+    acc_dtype,
+    acc_torch,
+    scale_config,
+    signature,
+)
 
 
 @triton.jit(do_not_specialize=["n"])

@@ -12,7 +12,8 @@ sigmoid(x) is computed from e = exp(-|x|) as 1/(1+e) or e/(1+e), never exp(+larg
 
 Layout: a 2-D grid of (BLOCK_R-row band, column chunk) programs; each loops over its chunk in
 (BLOCK_R, BLOCK_C) tiles. Row sums (reduce_rows) are accumulated in registers per chunk and
-written as (chunks, R) partials (fp64 for fp64 logits) summed by the launcher (deterministic, no float atomics).
+written as (chunks, R) partials (fp64 for fp64 logits) summed by the launcher (deterministic,
+no float atomics).
 Confusion counts are integer atomics (deterministic whatever the order).
 
 Targets: the logits' float dtype, or bool / uint8 read as bytes (a bool tensor is viewed as
@@ -21,8 +22,9 @@ their own (row, column) strides, so broadcast (stride-0) views cost no copy.
 
 Compile-time switches (one compiled specialisation each, all compiled by
 scripts/triton_aot_check.py): TARGET (0 none / 1 float / 2 bytes: pointer types), LOSS (0 none
-/ 1 elementwise / 2 row sums), GRAD, ACC. Runtime 0/1 switches (uniform branches): weight,
-pos_weight, grad scale, labels, probs, counts.
+/ 1 elementwise / 2 row sums), GRAD, COLS_CONTIG (all operands have column stride 1), ACC.
+Runtime switches (uniform branches): weight, pos_weight, grad scale (none / scalar /
+elementwise), labels, probs, counts.
 """
 
 from __future__ import annotations
@@ -31,11 +33,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (BCE_TILE, BCE_WARPS, LOGITS_DTYPES, acc_dtype, acc_torch, bce_config, dummy,
-                      interpreting, log1p_small, signature)
+from ._common import (
+    BCE_TILE,
+    BCE_WARPS,
+    LOGITS_DTYPES,
+    acc_dtype,
+    acc_torch,
+    bce_config,
+    dummy,
+    interpreting,
+    log1p_small,
+    signature,
+)
 
+# Runtime switches, sizes and the operand strides are never specialised by value (Triton turns
+# an int equal to 1 into a constant: a different compiled kernel per combination). Instead
+# COLS_CONTIG says "every operand read has column stride 1" (the common case: contiguous target,
+# a (C,) weight expanded over rows), which lets those loads vectorise; otherwise the column
+# strides are used as given.
 _NO_SPECIALIZE = ["R", "C", "cols_per_prog", "has_w", "has_pw", "has_scale", "labels", "probs",
                   "count", "sy_r", "sy_c", "sw_r", "sw_c", "sp_r", "sp_c", "sg_r", "sg_c"]
+
+
+@triton.jit
+def _offsets(r2, c2, s_r, s_c, COLS_CONTIG: tl.constexpr):
+    if COLS_CONTIG:
+        return r2 * s_r + c2
+    return r2 * s_r + c2 * s_c
 
 # Columns per program on a GPU: 8 tiles of BCE_TILE[1]; assumption (not measured here): enough
 # work to amortise a program's start, and cdiv(C, 8192) chunks keep an 8-row, 256k-class batch
@@ -49,7 +73,7 @@ def _sigmoid_bce_kernel(
     y_ptr, sy_r, sy_c,           # target (TARGET != 0)
     w_ptr, sw_r, sw_c,           # weight (has_w)
     pw_ptr, sp_r, sp_c,          # pos_weight (has_pw)
-    g_ptr, sg_r, sg_c,           # grad scale: 0-dim (strides 0) or grad_loss (R, C) (has_scale)
+    g_ptr, sg_r, sg_c,           # has_scale 1: 0-dim grad scale; 2: grad_loss (R, C) (backward)
     thr_ptr,                     # (C,) fp32 logit-space thresholds (labels / count)
     loss_ptr,                    # LOSS 1: (R, C) contiguous; LOSS 2: (chunks, R) ACC-dtype partials
     grad_ptr,                    # (R, C) contiguous (GRAD)
@@ -57,8 +81,8 @@ def _sigmoid_bce_kernel(
     counts_ptr,                  # (3, C) int64, zero-initialised: TP, FP, FN
     R, C, cols_per_prog,
     has_w, has_pw, has_scale, labels, probs, count,
-    TARGET: tl.constexpr, LOSS: tl.constexpr, GRAD: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    TARGET: tl.constexpr, LOSS: tl.constexpr, GRAD: tl.constexpr, COLS_CONTIG: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     band = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1).to(tl.int64)
@@ -68,6 +92,9 @@ def _sigmoid_bce_kernel(
     c_begin = chunk * cols_per_prog
     c_end = tl.minimum(c_begin + cols_per_prog, C)
     row_sum = tl.zeros([BLOCK_R], ACC)
+    g = tl.full([], 1.0, ACC)
+    if has_scale == 1:
+        g = tl.load(g_ptr).to(ACC)
     for start in range(c_begin, c_end, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
         c_ok = cols < c_end
@@ -78,13 +105,16 @@ def _sigmoid_bce_kernel(
         e = tl.exp(-tl.abs(x))
         sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         if TARGET != 0:
-            y = tl.load(y_ptr + r2 * sy_r + c2 * sy_c, mask=mask, other=0).to(ACC)
+            y_off = _offsets(r2, c2, sy_r, sy_c, COLS_CONTIG)
+            y = tl.load(y_ptr + y_off, mask=mask, other=0).to(ACC)
             w = tl.full([BLOCK_R, BLOCK_C], 1.0, ACC)
             if has_w != 0:
-                w = tl.load(w_ptr + r2 * sw_r + c2 * sw_c, mask=mask, other=0.0).to(ACC)
+                w_off = _offsets(r2, c2, sw_r, sw_c, COLS_CONTIG)
+                w = tl.load(w_ptr + w_off, mask=mask, other=0.0).to(ACC)
             py = y
             if has_pw != 0:
-                py = tl.load(pw_ptr + r2 * sp_r + c2 * sp_c, mask=mask, other=0.0).to(ACC) * y
+                p_off = _offsets(r2, c2, sp_r, sp_c, COLS_CONTIG)
+                py = tl.load(pw_ptr + p_off, mask=mask, other=0.0).to(ACC) * y
             if LOSS != 0:
                 softplus_neg = tl.maximum(-x, 0.0) + log1p_small(e)
                 loss = w * ((1.0 - y) * x + (1.0 + py - y) * softplus_neg)
@@ -93,9 +123,10 @@ def _sigmoid_bce_kernel(
                 else:
                     row_sum += tl.sum(tl.where(mask, loss, 0.0), axis=1)
             if GRAD:
-                dx = w * ((py + 1.0 - y) * sig - py)
-                if has_scale != 0:
-                    dx = dx * tl.load(g_ptr + r2 * sg_r + c2 * sg_c, mask=mask, other=0.0).to(ACC)
+                dx = w * ((py + 1.0 - y) * sig - py) * g
+                if has_scale == 2:
+                    g_off = _offsets(r2, c2, sg_r, sg_c, COLS_CONTIG)
+                    dx = dx * tl.load(g_ptr + g_off, mask=mask, other=0.0).to(ACC)
                 tl.store(grad_ptr + out, dx.to(grad_ptr.dtype.element_ty), mask=mask)
         if probs != 0:
             tl.store(probs_ptr + out, sig.to(probs_ptr.dtype.element_ty), mask=mask)
@@ -138,10 +169,11 @@ def _as_kernel_target(target, logits):
     return target, 1
 
 
-def _constexprs(dtype, target_kind, loss_mode, grad, block_r, block_c):
+def _constexprs(dtype, target_kind, loss_mode, grad, cols_contig, block_r, block_c):
     """The compile-time switches of one launch; `specialisations()` enumerates the same."""
-    return dict(TARGET=target_kind, LOSS=loss_mode, GRAD=bool(grad), ACC=acc_dtype(dtype),
-                BLOCK_R=block_r, BLOCK_C=block_c)
+    return dict(TARGET=target_kind, LOSS=loss_mode, GRAD=bool(grad),
+                COLS_CONTIG=bool(cols_contig), ACC=acc_dtype(dtype), BLOCK_R=block_r,
+                BLOCK_C=block_c)
 
 
 def _pointer_types(dtype, target_kind, loss_mode, scale_dtype):
@@ -169,6 +201,9 @@ def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, la
         target, kind = _as_kernel_target(target, logits)
     scale_dtype = scale.dtype if scale is not None else acc_torch(logits.dtype)
     dev, types = logits.device, _pointer_types(logits.dtype, kind, loss_mode, scale_dtype)
+    elementwise_scale = scale is not None and scale.dim() == 2
+    operands = [t for t in (target, weight, pos_weight) if t is not None]
+    cols_contig = all(t.stride(1) == 1 for t in operands + ([scale] if elementwise_scale else []))
 
     def ptr(t, name):  # absent arguments get a typed dummy: same specialisation either way
         return t if t is not None else dummy(dev, types[name])
@@ -189,9 +224,11 @@ def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, la
         ptr(probs, "probs_ptr"),
         ptr(counts, "counts_ptr"),
         rows, classes, cols_per_prog,
-        int(weight is not None), int(pos_weight is not None), int(scale is not None),
+        int(weight is not None), int(pos_weight is not None),
+        0 if scale is None else (2 if elementwise_scale else 1),
         int(labels is not None), int(probs is not None), int(counts is not None),
-        **_constexprs(logits.dtype, kind, loss_mode, grad is not None, block_r, block_c),
+        **_constexprs(logits.dtype, kind, loss_mode, grad is not None, cols_contig, block_r,
+                      block_c),
         num_warps=warps,
     )
     return loss if loss_mode == 2 else None
@@ -208,10 +245,11 @@ def specialisations():
                   for g in sorted({dtype, acc}, key=str)]                     # backward
         modes.append((0, 0, False, acc))                                      # decode
         for kind, loss, grad, scale_dtype in modes:
-            ce = _constexprs(dtype, kind, loss, grad, block_r, block_c)
-            sig = signature(_sigmoid_bce_kernel, _pointer_types(dtype, kind, loss, scale_dtype),
-                            {}, ce)
-            yield _sigmoid_bce_kernel, sig, ce, BCE_WARPS
+            for contiguous in (False, True):
+                ce = _constexprs(dtype, kind, loss, grad, contiguous, block_r, block_c)
+                types = _pointer_types(dtype, kind, loss, scale_dtype)
+                yield _sigmoid_bce_kernel, signature(_sigmoid_bce_kernel, types, {}, ce), ce, \
+                    BCE_WARPS
 
 
 def _like(logits, dtype=None):

@@ -45,8 +45,17 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (LOGITS_DTYPES, acc_dtype, acc_torch, dummy, signature, softmax_config,
-                      softmax_configs, split_f64, tanh)
+from ._common import (
+    LOGITS_DTYPES,
+    acc_dtype,
+    acc_torch,
+    dummy,
+    signature,
+    softmax_config,
+    softmax_configs,
+    split_f64,
+    tanh,
+)
 
 # Runtime switches and C: Triton would otherwise specialise an int equal to 1 into a constant
 # (one more compiled variant, and `C.to(...)` breaks on a constant).
@@ -361,9 +370,9 @@ def softmax_ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_s
     # accumulation dtype with its own stride (converting R values is a tiny device op).
     acc = acc_torch(logits.dtype)
     g = grad_loss.to(acc)
-    _launch(logits, target, weight, g, g.stride(0) if g.dim() == 1 else 0, lse.to(acc), None, grad, None, None, ignore_index, label_smoothing,
-            lse_square_scale, softcap, False, target_kind=_target_kind(target),
-            forward=False, compute_grad=True, block=block)
+    _launch(logits, target, weight, g, g.stride(0) if g.dim() == 1 else 0, lse.to(acc), None,
+            grad, None, None, ignore_index, label_smoothing, lse_square_scale, softcap, False,
+            target_kind=_target_kind(target), forward=False, compute_grad=True, block=block)
     return grad
 
 

@@ -11,18 +11,23 @@ Devices: CUDA when triton imports and a GPU is present; CPU only under TRITON_IN
 Importing this module raises ImportError when triton is missing; fusedloss/__init__.py turns
 that into "triton backend unavailable".
 """
+# ruff: noqa: UP007, UP045
 
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional  # custom_op parses the annotations: keep the spelling torch>=2.6 knows
 
 import torch
+import triton  # noqa: F401  (ImportError here = backend unavailable)
 from torch import Tensor
 
-import triton  # noqa: F401  (ImportError here = backend unavailable)
+from . import _backend
 
-from . import _backend, _ops
+try:
+    from . import _ops
+except RuntimeError as e:  # _ops also registers the fusedloss:: fakes, which needs fusedloss._C
+    raise ImportError(f"python/fusedloss/_ops.py could not be imported ({e})") from e
 from .triton_kernels import scale_grad as _scale
 from .triton_kernels import sigmoid_bce as _bce
 from .triton_kernels import softmax_ce as _ce
