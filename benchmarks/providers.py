@@ -111,10 +111,12 @@ class Provider:
     target: str    # dtype of the targets it is given: "int64", "float", "uint8"
     make: Callable[[Inputs], Runner]
     note: str = ""
+    variant: str = ""  # e.g. "inplace": a second row for the same provider
 
     @property
     def label(self) -> str:
-        return self.name if self.target in ("int64", "float") else f"{self.name} [u8 target]"
+        tags = [t for t in ("u8 target" if self.target == "uint8" else "", self.variant) if t]
+        return self.name + "".join(f" [{t}]" for t in tags)
 
 
 def _run(call, x, tgt, backward: bool) -> Callable[[], Out]:
@@ -159,14 +161,28 @@ def compile_provider(case: Case, kind: str) -> Provider:
     return Provider("compile", kind, make)
 
 
-def fusedloss_provider(case: Case, backend: str, kind: str) -> Provider:
+def _restoring(case: Case, inp: Inputs, call, note: str) -> Runner:
+    """A runner for a provider that overwrites its input logits with the gradient: it gets a
+    copy, restored from the original before each call (untimed)."""
+    work = inp.x.detach().clone().requires_grad_(case.backward)
+
+    def restore():
+        with torch.no_grad():
+            work.copy_(inp.x)
+    return Runner(_run(call, work, inp.target, case.backward), setup=restore,
+                  note="input restored before each call (untimed)" + note)
+
+
+def fusedloss_provider(case: Case, backend: str, kind: str, inplace: bool = False) -> Provider:
     import fusedloss
 
     if case.op == "softmax_ce":
         def call(x, t):
             if not case.decode:
-                return fusedloss.cross_entropy(x, t, backend=backend), {}
-            o = fusedloss.cross_entropy(x, t, backend=backend, return_decoding=True)
+                return fusedloss.cross_entropy(x, t, backend=backend,
+                                               inplace_backward=inplace), {}
+            o = fusedloss.cross_entropy(x, t, backend=backend, return_decoding=True,
+                                        inplace_backward=inplace)
             return o.loss, {"pred": o.pred, "confidence": o.confidence, "correct": o.correct}
     else:
         def call(x, y):
@@ -177,23 +193,17 @@ def fusedloss_provider(case: Case, backend: str, kind: str) -> Provider:
             return o.loss, {"labels": o.labels, "counts": o.counts}
 
     def make(inp):
+        if inplace:  # the gradient overwrites the logits: no logits-sized allocation
+            return _restoring(case, inp, call, "")
         return Runner(_run(call, inp.x, _targets(inp, kind), case.backward))
-    return Provider(f"fusedloss-{backend}", kind, make)
+    return Provider(f"fusedloss-{backend}", kind, make, variant="inplace" if inplace else "")
 
 
 def liger_provider(case: Case) -> Provider:
     def make(inp):
-        # Liger writes the gradient into its input: give it a copy, restored before each call
-        # (untimed).
-        work = inp.x.detach().clone().requires_grad_(case.backward)
-
-        def restore():
-            with torch.no_grad():
-                work.copy_(inp.x)
-
-        return Runner(_run(_liger_call(case), work, inp.target, case.backward), setup=restore,
-                      note="input restored before each call (untimed)"
-                      + ("; decodes pred only" if case.decode else ""))
+        # Liger writes the gradient into its input (in forward, whether or not it is needed)
+        return _restoring(case, inp, _liger_call(case),
+                          "; decodes pred only" if case.decode else "")
     return Provider("liger", "int64", make)
 
 
@@ -257,6 +267,8 @@ def providers_for(case: Case, device: torch.device) -> tuple[list[Provider], lis
                 continue
         kind = "int64" if case.op == "softmax_ce" else "float"
         provs.append(fusedloss_provider(case, b, kind))
+        if case.op == "softmax_ce" and case.backward:
+            provs.append(fusedloss_provider(case, b, kind, inplace=True))
         if case.op == "sigmoid_bce":
             provs.append(fusedloss_provider(case, b, "uint8"))
     for name in ("native", "triton"):

@@ -89,6 +89,8 @@ def test_smoke_profile_writes_checked_rows(tmp_path):
                 assert f"fusedloss-{b}" in labels
                 if case.op == "sigmoid_bce":
                     assert f"fusedloss-{b} [u8 target]" in labels
+                if case.op == "softmax_ce" and case.pass_ == "fwd+bwd":
+                    assert f"fusedloss-{b} [inplace]" in labels
         assert "compile" not in labels  # smoke leaves torch.compile out unless asked
         for r in mine:
             _check_ok_row(r)
