@@ -19,6 +19,18 @@ namespace fusedloss {
 namespace cpu {
 namespace {
 
+// log1p(e) for e in [0, 1] from one log: Goldberg's log(u) * e / (u - 1) with u = 1 + e, within
+// a few ulp; u == 1 means e < ulp(1)/2, where log1p(e) = e. Sleef's log1p (what
+// Vectorized::log1p calls) measured ~20x slower than its log on the AVX-512 EPYC used here
+// (424 ms vs ~20 ms over 16.7M fp32 elements).
+template <typename T>
+inline Vectorized<T> log1p_unit(const Vectorized<T>& e) {
+  const Vectorized<T> one(1), zero(0);
+  const Vectorized<T> u = one + e;
+  const Vectorized<T> d = u - one;
+  return Vectorized<T>::blendv(u.log() * (e / d), e, d == zero);
+}
+
 struct BceJob {
   Operand x, y, w, pw, gl;  // gl: per-element incoming gradient (sigmoid_bce_bwd)
   const void* thr = nullptr; // (C,) logit thresholds in acc precision
@@ -70,7 +82,7 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, int64_t* cnt) 
           const Vec y = yb != nullptr ? vload(yb + i, k) : zero;
           const Vec p = pb != nullptr ? vload(pb + i, k) : one;
           if (need_loss) {
-            const Vec sp = at::vec::maximum(x.neg(), zero) + e.log1p();
+            const Vec sp = at::vec::maximum(x.neg(), zero) + log1p_unit(e);
             Vec l = (one - y) * x + (pb != nullptr ? one + (p - one) * y : one) * sp;
             if (wb != nullptr) l = l * vload(wb + i, k);
             if (j.loss_rows) {
