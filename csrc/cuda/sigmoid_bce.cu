@@ -343,8 +343,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_b
   a.pw = strided_view(pos_weight, logits, "pos_weight", a.ps0, a.ps1);
   a.thr = threshold_ptr(threshold, logits);
   const auto opts = logits.options();
-  at::Tensor loss = reduce_rows ? at::zeros({a.R}, opts.dtype(at::kFloat))
-                                : at::empty({a.R, a.C}, opts);
+  // Every row sum is written by the kernel, unless there are no classes (then it is 0).
+  at::Tensor loss = !reduce_rows ? at::empty({a.R, a.C}, opts)
+                    : a.C == 0   ? at::zeros({a.R}, opts.dtype(at::kFloat))
+                                 : at::empty({a.R}, opts.dtype(at::kFloat));
   at::Tensor grad = compute_grad ? at::empty({a.R, a.C}, opts) : at::empty({0}, opts);
   at::Tensor labels = a.thr ? at::empty({a.R, a.C}, opts.dtype(at::kBool))
                             : at::empty({0}, opts.dtype(at::kBool));

@@ -547,8 +547,10 @@ Layout choose_layout(int64_t C, bool want_grad, int device) {
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&prop_major, cudaDevAttrComputeCapabilityMajor, device));
   const int max_cluster = prop_major >= 9 ? kMaxCluster : 1;
   for (int pass = 0; pass < 2; ++pass) {
-    // pass 0: slices of <= kCtaStageBytes (3 blocks per SM); pass 1: up to the opt-in maximum.
-    const int64_t limit = pass == 0 ? kCtaStageBytes : optin;
+    // pass 0: slices of <= kCtaStageBytes (3 blocks per SM) plus the one chunk a row that does
+    // not start 16-byte aligned needs (so 32k bf16 / 256k bf16 rows still take 1 / 8 blocks);
+    // pass 1: up to the opt-in maximum (one block per SM).
+    const int64_t limit = pass == 0 ? kCtaStageBytes + chunk_bytes : optin;
     for (int n = 1; n <= max_cluster; n *= 2) {
       const int64_t cta_chunks = (chunks + n - 1) / n;
       const int64_t bytes = cta_chunks * chunk_bytes;
