@@ -20,6 +20,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import fusedloss
 from fusedloss import reference
 from fusedloss.thresholds import ThresholdHistogram, TunedThresholds, tune_thresholds
 
@@ -271,6 +272,12 @@ def test_input_dtypes_and_shapes(dtype):
     assert r.logit_threshold.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
 
 
+def test_scores_that_require_grad_give_plain_tensors():
+    x = torch.randn(10, 2, requires_grad=True)
+    r = tune_thresholds(x, torch.rand(10, 2) < 0.5)
+    assert not any(t.requires_grad for t in r)
+
+
 def test_chunked_classes_match(monkeypatch):
     import fusedloss.thresholds as th
 
@@ -469,16 +476,18 @@ def test_histogram_all_reduce_two_processes():
 
 
 # ----------------------------------------------------------------------------- library rule
-def test_thresholds_feed_the_library_decoding():
-    """The tuned logit thresholds reproduce their counts through the public decoding API."""
-    import fusedloss
-
+@pytest.mark.parametrize("backend", fusedloss.available_backends("cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_thresholds_feed_the_library_decoding(backend, dtype):
+    """The tuned logit thresholds reproduce their counts through the public decoding API
+    (every CPU backend built here): the cut and the decoding agree on the strict rule."""
     g = torch.Generator().manual_seed(6)
-    x = torch.randn(100, 6, generator=g)
-    y = (torch.rand(100, 6, generator=g) < 0.25).float()
+    # Quantised logits: many ties and adjacent distinct values, the cases a sloppy cut breaks.
+    x = (torch.randn(300, 6, generator=g) * 8).round().div(8).to(dtype)
+    y = (torch.rand(300, 6, generator=g) < 0.25).float()
     r = tune_thresholds(x, y)
     out = fusedloss.binary_cross_entropy_with_logits(
-        x, y, logit_threshold=r.logit_threshold, return_counts=True, backend="torch")
+        x, y.to(dtype), logit_threshold=r.logit_threshold, return_counts=True, backend=backend)
     assert torch.equal(out.counts, r.counts)
-    dec = fusedloss.sigmoid_decode(x, logit_threshold=r.logit_threshold, backend="torch")
-    assert torch.equal(dec.labels, x > r.logit_threshold)
+    dec = fusedloss.sigmoid_decode(x, logit_threshold=r.logit_threshold, backend=backend)
+    assert torch.equal(dec.labels, x.float() > r.logit_threshold)

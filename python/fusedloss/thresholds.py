@@ -202,7 +202,7 @@ def _prepare(scores: Tensor, targets: Tensor, from_logits: bool):
     pos = _as_positive(targets, scores.shape)
     if pos.device != scores.device:
         raise ValueError(f"targets is on {pos.device} but scores is on {scores.device}")
-    x = scores.to(_score_dtype(scores.dtype))
+    x = scores.detach().to(_score_dtype(scores.dtype))
     if from_logits:
         if not bool(torch.isfinite(x).all()):
             raise ValueError("scores (logits) must be finite: found NaN or +-inf")
