@@ -152,9 +152,27 @@ def decode_ties_and_confidence(rank, world, backend):
 
 @case
 def lm_layout_batch_seq(rank, world, backend):
-    # (B, T, C_local) logits and (B, T) target, as a tensor-parallel LM head produces them
-    _run_case(rank, world, backend, weight=False, eps=0.0, s=1e-2, reduction="none",
-              decode=True, batch=(1, N))
+    # (B, T, C_local) logits and (B, T) target, as a tensor-parallel LM head produces them.
+    # Flush-to-zero on: the argmax indices travel as int32 bit patterns inside the float32
+    # buffer (small ints are denormals); only copies touch them, so nothing may flush them.
+    flush = torch.set_flush_denormal(True)
+    try:
+        _run_case(rank, world, backend, weight=False, eps=0.0, s=1e-2, reduction="none",
+                  decode=True, batch=(1, N))
+    finally:
+        torch.set_flush_denormal(False)
+    assert flush, "this CPU cannot flush denormals: the case checks nothing extra"
+
+
+@case
+def accelerator_backward_path(rank, world, backend):
+    # the backward used for CUDA tensors (exp(z - lse), no host sync), run on the CPU
+    D._CPU_SOFTMAX_BACKWARD = False
+    try:
+        for red in ("none", "mean"):
+            _run_case(rank, world, backend, weight=True, eps=0.1, s=1e-2, reduction=red)
+    finally:
+        D._CPU_SOFTMAX_BACKWARD = True
 
 
 @case
