@@ -1,7 +1,10 @@
 """Timing, copy bandwidth and peak memory, the same way for every provider.
 
 CUDA: one pair of cuda events around each call, synchronised after it; an L2-sized buffer is
-overwritten before every call (untimed) so no call starts with its inputs in L2.
+overwritten before every call (untimed) so no call starts with its inputs in L2, and a short
+GPU spin (torch.cuda._sleep) is queued before the start event so that the host can enqueue the
+whole call meanwhile: the events then time the device's work, not Python/autograd launch
+overhead (as long as enqueuing takes less than the spin).
 CPU: time.perf_counter around each call (CPU ops are synchronous).
 The call's return value is dropped inside the timed region, so freeing its outputs (on CPU:
 munmap of large buffers) counts, as it does in a training step.
@@ -20,6 +23,8 @@ from bytes_model import copy_bytes
 
 # H100/H200 L2 is 50/60 MB; overwriting 256 MB evicts it (triton.testing.do_bench uses 256 MB).
 L2_FLUSH_BYTES = 256 * 1024 * 1024
+# ~2 ms at the H100's ~1.7 GHz boost clock: longer than enqueuing one loss fwd+bwd from Python.
+HOST_HIDE_CYCLES = 3_500_000
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Timer:
         if self.cuda:
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(HOST_HIDE_CYCLES)
             start.record()
             fn()
             end.record()

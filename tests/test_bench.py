@@ -123,8 +123,8 @@ def test_interpreted_triton_and_liger_rows(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     data, _ = _load(tmp_path)
     labels = sorted(r["label"] for r in data["rows"])
-    assert labels == sorted(["eager", "liger", "fusedloss-triton", "eager", "fusedloss-triton",
-                             "fusedloss-triton [u8 target]"])
+    assert labels == sorted(["eager", "liger", "fusedloss-triton", "fusedloss-triton [inplace]",
+                             "eager", "fusedloss-triton", "fusedloss-triton [u8 target]"])
     for r in data["rows"]:
         _check_ok_row(r, min_reps=2)
 
