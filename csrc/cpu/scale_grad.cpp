@@ -7,7 +7,9 @@ namespace fusedloss {
 namespace cpu {
 namespace {
 
-void scale_grad__cpu(const Tensor& grad, const Tensor& scale) {
+// Mutable (Tensor(a!)) arguments are `Tensor&`: every backend's kernel must have the same C++
+// signature (csrc/cuda/scale_grad.cu).
+void scale_grad__cpu(Tensor& grad, const Tensor& scale) {
   const char* op = "scale_grad_";
   check_same_device(op, "scale", scale);
   TORCH_CHECK(grad.device().is_cpu(), op, ": grad must be a CPU tensor, got ", grad.device());

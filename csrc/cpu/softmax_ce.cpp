@@ -53,6 +53,10 @@ struct RowStats {
   acc shift = 0;         // exp shift of the last block: m, or 0 when m is +-inf (torch.logsumexp)
   acc sum = 0;           // sum_c exp(z_c - shift)
   acc lse = -std::numeric_limits<acc>::infinity();
+  // lse = lse_hi + lse_lo with lse_hi = shift, lse_lo = log(sum): exp(z - lse) is formed as
+  // exp((z - lse_hi) - lse_lo), which keeps full precision when |lse| ~ 1e4 (an fp32 lse there is
+  // only good to 5e-4 absolute, which would be the relative error of every p).
+  acc lse_hi = 0, lse_lo = -std::numeric_limits<acc>::infinity();
   int64_t arg_block = 0; // block holding the first maximum
   acc zt = 0;            // z[target]
   acc ref = 0;           // a logit of the row: sums of z are taken relative to it (cancellation)
@@ -133,26 +137,25 @@ RowStats<acc> row_stats(const scalar_t* x, const scalar_t* y, int64_t t, const C
     sc.shift[b] = st.shift;
 
     const Vec vshift(st.shift);
+    // Two accumulators (exp latency); the same summation order with and without keep_e, so the
+    // loss does not depend on compute_grad.
     Vec vs0(0), vs1(0);
-    i = 0;
-    if (keep_e != nullptr) {
-      acc* eb = keep_e + b0;
-      for (; i + V <= n; i += V) {
-        const Vec e = vexp(Vec::loadu(zb + i) - vshift);
-        e.store(eb + i);
-        vs0 += e;
+    acc* eb = keep_e != nullptr ? keep_e + b0 : nullptr;
+    for (i = 0; i + 2 * V <= n; i += 2 * V) {
+      const Vec e0 = vexp(Vec::loadu(zb + i) - vshift);
+      const Vec e1 = vexp(Vec::loadu(zb + i + V) - vshift);
+      if (eb != nullptr) {
+        e0.store(eb + i);
+        e1.store(eb + i + V);
       }
-      if (i < n) {
-        const Vec e = vexp(vload_fill(zb + i, n - i, ninf) - vshift);
-        vstore(eb + i, e, n - i);
-        vs0 += e;
-      }
-    } else {
-      for (; i + 2 * V <= n; i += 2 * V) {
-        vs0 += vexp(Vec::loadu(zb + i) - vshift);
-        vs1 += vexp(Vec::loadu(zb + i + V) - vshift);
-      }
-      for (; i < n; i += V) vs0 += vexp(vload_fill(zb + i, std::min(V, n - i), ninf) - vshift);
+      vs0 += e0;
+      vs1 += e1;
+    }
+    for (; i < n; i += V) {
+      const int64_t k = std::min(V, n - i);
+      const Vec e = vexp(vload_fill(zb + i, k, ninf) - vshift);
+      if (eb != nullptr) vstore(eb + i, e, k);
+      vs0 += e;
     }
     st.sum += hsum(vs0 + vs1);
 
@@ -178,7 +181,9 @@ RowStats<acc> row_stats(const scalar_t* x, const scalar_t* y, int64_t t, const C
       st.wyz += hsum(awyz);
     }
   }
-  st.lse = st.shift + std::log(st.sum);
+  st.lse_hi = st.shift;
+  st.lse_lo = std::log(st.sum);
+  st.lse = st.lse_hi + st.lse_lo;
   return st;
 }
 
@@ -215,7 +220,7 @@ void row_grad(scalar_t* out, const scalar_t* x, const scalar_t* y, const acc* ke
   const acc epsC = C > 0 ? cfg.eps / static_cast<acc>(C) : acc(0);
   const bool sub = cfg.prob || cfg.eps > 0;
   const bool need_z = kept_e == nullptr || cfg.cap != 0;
-  const Vec vcap(cfg.cap), vone(1), vlse(st.lse);
+  const Vec vcap(cfg.cap), vone(1), vhi(st.lse_hi), vlo(st.lse_lo);
   // Soft targets: sub_c = w_c (g (1-eps) y_c + g eps/C); smoothing: sub_c = g (eps/C) w_c.
   const Vec vy_scale(g * (1 - cfg.eps)), vy_add(g * epsC), vsub(g * epsC);
   for (int64_t b0 = 0, b = 0; b0 < C; b0 += kBlock, ++b) {
@@ -225,17 +230,18 @@ void row_grad(scalar_t* out, const scalar_t* x, const scalar_t* y, const acc* ke
     const acc* wb = cfg.w != nullptr ? cfg.w + b0 : nullptr;
     scalar_t* ob = out + b0;
     if (kept_e != nullptr && !sub && cfg.cap == 0) {  // the common case: one multiply per element
-      const Vec a(g * coef * std::exp(sc.shift[b] - st.lse));
+      const Vec a(g * coef * std::exp((sc.shift[b] - st.lse_hi) - st.lse_lo));
       const acc* eb = kept_e + b0;
       int64_t i = 0;
       for (; i + V <= n; i += V) vstore_as<scalar_t, acc>(ob + i, Vec::loadu(eb + i) * a, V);
       if (i < n) vstore_as<scalar_t, acc>(ob + i, vload(eb + i, n - i) * a, n - i);
       continue;
     }
-    const Vec a(g * coef * (kept_e != nullptr ? std::exp(sc.shift[b] - st.lse) : acc(1)));
+    const Vec a(g * coef *
+                (kept_e != nullptr ? std::exp((sc.shift[b] - st.lse_hi) - st.lse_lo) : acc(1)));
     for (int64_t i = 0; i < n; i += V) {
       const int64_t k = std::min(V, n - i);
-      const Vec p = kept_e != nullptr ? vload(kept_e + b0 + i, k) : vexp(vload(zb + i, k) - vlse);
+      const Vec p = kept_e != nullptr ? vload(kept_e + b0 + i, k) : vexp((vload(zb + i, k) - vhi) - vlo);
       Vec d = p * a;
       if (cfg.prob) {
         const Vec yv = vy_scale * vload(yb + i, k) + vy_add;
@@ -263,11 +269,11 @@ acc class_coef(const RowStats<acc>& st, const CeConfig<acc>& cfg, int64_t t, acc
 
 // The target element of a class-index row, computed whole (one rounding).
 template <typename scalar_t, typename acc>
-void patch_target(scalar_t* out, int64_t t, acc zt, acc lse, acc coef, acc g,
+void patch_target(scalar_t* out, int64_t t, acc zt, const RowStats<acc>& st, acc coef, acc g,
                   const CeConfig<acc>& cfg) {
   const acc wt = cfg.w != nullptr ? cfg.w[t] : acc(1);
   const acc epsC = cfg.C > 0 ? cfg.eps / static_cast<acc>(cfg.C) : acc(0);
-  acc d = std::exp(zt - lse) * coef - (1 - cfg.eps) * wt - epsC * wt;
+  acc d = std::exp((zt - st.lse_hi) - st.lse_lo) * coef - (1 - cfg.eps) * wt - epsC * wt;
   if (cfg.cap != 0) d *= 1 - (zt / cfg.cap) * (zt / cfg.cap);
   out[t] = static_cast<scalar_t>(g * d);
 }
@@ -413,7 +419,7 @@ void ce_forward_kernel(const Tensor& logits, const Tensor& target, const CeConfi
                              : acc(0);
       const acc coef = class_coef(st, cfg, t, S);
       row_grad<scalar_t, acc>(out, x, y, keep, st, coef, g, cfg, sc);
-      if (!cfg.prob) patch_target(out, t, st.zt, st.lse, coef, g, cfg);
+      if (!cfg.prob) patch_target(out, t, st.zt, st, coef, g, cfg);
     }
   });
 }
@@ -462,7 +468,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> softmax_ce_fwd_cpu(
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> softmax_ce_fwd_inplace_cpu(
-    const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
+    Tensor& logits,  // Tensor(a!): `Tensor&`, as the CUDA kernel's signature
+    const Tensor& target, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& grad_scale, int64_t ignore_index, double label_smoothing,
     double lse_square_scale, double softcap, bool decode) {
   FwdOut o = ce_forward("softmax_ce_fwd_inplace", logits, target, weight, grad_scale,
@@ -522,7 +529,8 @@ Tensor softmax_ce_bwd_cpu(const Tensor& grad_loss, const Tensor& logits, const T
           continue;
         }
         RowStats<acc> st;
-        st.lse = lsp[r];
+        st.lse = st.lse_hi = lsp[r];
+        st.lse_lo = 0;
         acc S = 0;
         if (cfg.prob) {  // S = sum_c w_c y'_c needs the whole row before the gradient
           Vec awy(0);
@@ -541,7 +549,7 @@ Tensor softmax_ce_bwd_cpu(const Tensor& grad_loss, const Tensor& logits, const T
         row_grad<scalar_t, acc>(out, x, y, nullptr, st, coef, glp[r], cfg, sc);
         if (!cfg.prob) {
           const acc zt = softcap_scalar(static_cast<acc>(x[t]), cfg.cap);
-          patch_target(out, t, zt, st.lse, coef, glp[r], cfg);
+          patch_target(out, t, zt, st, coef, glp[r], cfg);
         }
       }
     });
