@@ -57,7 +57,11 @@ INTERPRETER_REPS = dict(warmup=0, min_reps=2, max_reps=2, budget_s=0.0)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    epilog = "profiles:\n" + "\n".join(
+        f"  {name:12s} {prof.description}" for name, prof in PROFILES.items()) + (
+        "\n\nexit status: 0 when every provider passed its check, 1 when one FAILED or "
+        "raised (ERROR), 2 for bad arguments")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                    help="named set of cases and repetitions (default: quick)")
