@@ -176,6 +176,7 @@ def run_case(case: Case, prof: Profile, dev: torch.device, timer: Timer, filters
             row["traceback"] = traceback.format_exc(limit=6)
             continue
         finally:
+            runner = None  # free its buffers (Liger's/in-place input copy) before the next
             if progress is not None:
                 progress.update(1)
         med = stats.median_s
