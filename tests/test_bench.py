@@ -210,3 +210,12 @@ def test_check_accepts_torch_and_rejects_wrong_results(spec):
         else:
             bad["labels"] = ~good.dec["labels"]
         assert not ref.check(Out(good.loss, grad, bad), inp).ok
+
+
+def test_summary_statistics_by_hand():
+    from timing import summarize
+
+    s = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (s.median_s, s.p25_s, s.p75_s, s.iqr_s, s.min_s, s.reps) == (3.0, 2.0, 4.0, 2.0, 1.0, 5)
+    one = summarize([0.5])
+    assert (one.median_s, one.iqr_s, one.reps) == (0.5, 0.0, 1)
