@@ -364,6 +364,20 @@ def test_sigmoid_bce_fwd_matches_reference(case, dtype, reduce_rows):
     assert torch.equal(counts.cpu(), ref.confusion_counts(rlabels, y.cpu()))
 
 
+def test_sigmoid_bce_many_row_groups_and_column_tiles():
+    # 19 rows: three interpreter row groups of 8 (4-row tiles, the last group partial) and 70
+    # columns: two 64-wide tiles; counts and row sums combine across programs.
+    x = logits(19, 70, torch.float32, seed=3)
+    y = (torch.rand(19, 70, generator=gen(4)) > 0.5).to(DEV)
+    thr = torch.zeros(70, device=DEV)
+    loss, grad, labels, _, counts = OPS.sigmoid_bce_fwd(x, y, None, None, None, thr, True, True,
+                                                        False, True)
+    elem, rgrad = ref_bce(x, y, None, None, torch.ones(()))
+    close(loss, elem.sum(-1), dict(atol=1e-4, rtol=1e-5))
+    close(grad, rgrad, GRAD_TOL[torch.float32])
+    assert torch.equal(counts.cpu(), ref.confusion_counts(x.cpu() > 0, y.cpu()))
+
+
 def test_sigmoid_bce_optional_outputs_are_empty():
     x, y, _, _ = bce_inputs(torch.float32)
     loss, grad, labels, probs, counts = OPS.sigmoid_bce_fwd(x, y, None, None, None, None, False,

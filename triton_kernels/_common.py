@@ -33,23 +33,30 @@ INTERPRET_BCE_TILE = (4, 64)  # (rows, columns)
 
 # Softmax-CE column block per logits element size, on sm_90. One program owns one row and
 # loops over it in blocks of BLOCK columns twice (statistics, then gradient), so the row's
-# second read is an L2 hit for rows up to ~L2/programs-in-flight. Assumption (not measured
-# here: no GPU was lent to this work): 16 KiB of logits per block iteration (4096 fp32 / 8192
-# bf16) keeps 8 warps at 16-byte loads per thread with several loads in flight, the regime
-# where H100 HBM saturates; larger blocks only add registers. Rows shorter than 1024 classes
-# use SOFTMAX_SMALL_BLOCK so that small-vocabulary batches do not idle most lanes. Two blocks
-# per dtype keep the shipped specialisations few enough to compile all of them ahead of time.
-SOFTMAX_BLOCK = {2: 8192, 4: 4096, 8: 2048}
+# second read is an L2 hit for rows up to ~L2/programs-in-flight. Chosen from `ptxas -v`
+# register counts for sm_90a (fwd + grad + weight + softcap, aligned operands), not from
+# timings (no GPU was lent to this work): 8 elements per thread keeps every 16/32-bit config at
+# 40-49 registers with no spills and 16-byte vector loads, so 4 CTAs of 8 warps fit per SM
+# (full occupancy) with 16-32 KiB of logits in flight per SM. 16 elements per thread
+# (4096 x 8 warps) took 80-118 registers; 32 (8192 x 8 warps, bf16) took 246.
+# Rows of at most 1024 classes use the small config so short rows do not idle most lanes.
+SOFTMAX_BLOCK = {2: 2048, 4: 2048, 8: 1024}
 SOFTMAX_SMALL_BLOCK = 1024
 SOFTMAX_WARPS = 8
 SOFTMAX_SMALL_WARPS = 4
 
-# BCE tile: rows x columns per loop step. Elementwise; assumption: 4 KiB of logits in flight
-# per warp-group (1024 fp32 columns x 4 rows over 4 warps) as for the torch elementwise kernels.
-BCE_TILE = (4, 1024)
+# BCE tile (rows, columns) per loop step with 4 warps: 8 elements per thread, so bf16 operands
+# load as 16-byte vectors. Measured with `ptxas -v` for sm_90a (bf16, row-sum loss + gradient,
+# aligned operands), not timed (no GPU in this session): (2, 512) x 4 warps uses 128 registers,
+# no spills (4 CTAs = 16 warps per SM); (1, 512) uses 72 but loads 8-byte vectors; (4, 1024)
+# needs 255 and spills. Each program walks BCE_ROW_TILES_PER_PROGRAM tiles down its column
+# tile, so per-class counts are flushed with one integer atomic per class per 64 rows.
+BCE_TILE = (2, 512)
 BCE_WARPS = 4
+BCE_ROW_TILES_PER_PROGRAM = 32
 
-# scale_grad_: a flat elementwise multiply. Assumption: 4096 elements x 4 warps per program.
+# scale_grad_: a flat elementwise multiply. Assumption: 4096 elements x 4 warps per program
+# (32 per thread, only two live values each).
 SCALE_BLOCK = 4096
 SCALE_WARPS = 4
 INTERPRET_SCALE_BLOCK = 1024

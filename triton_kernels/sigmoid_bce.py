@@ -10,11 +10,12 @@ because d softplus(-x)/dx = -(1 - sigmoid(x)), so
     d/dx = w ((1 - y) - (1 + (p - 1) y)(1 - sigmoid(x))) = w ((p y + 1 - y) sigmoid(x) - p y).
 sigmoid(x) is computed from e = exp(-|x|) as 1/(1+e) or e/(1+e), never exp(+large).
 
-Layout: a 2-D grid of (BLOCK_R-row band, column chunk) programs; each loops over its chunk in
-(BLOCK_R, BLOCK_C) tiles. Row sums (reduce_rows) are accumulated in registers per chunk and
-written as (chunks, R) partials (fp64 for fp64 logits) summed by the launcher (deterministic,
-no float atomics).
-Confusion counts are integer atomics (deterministic whatever the order).
+Layout: a 2-D grid of (row group, BLOCK_C column tile) programs; each walks its row group in
+(BLOCK_R, BLOCK_C) tiles, so per-class state (thresholds, TP/FP/FN counts) stays in registers
+for the whole group and a wide row (256k classes) is still spread over C / BLOCK_C programs.
+Row sums (reduce_rows) are written per column tile as (tiles, R) partials (fp64 for fp64
+logits) that the launcher sums in a fixed order: deterministic, no float atomics. Confusion
+counts are added with one integer atomic per class per program (deterministic).
 
 Targets: the logits' float dtype, or bool / uint8 read as bytes (a bool tensor is viewed as
 uint8: no conversion copy). weight, pos_weight and the backward's grad_loss are read through
@@ -34,6 +35,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    BCE_ROW_TILES_PER_PROGRAM,
     BCE_TILE,
     BCE_WARPS,
     LOGITS_DTYPES,
@@ -46,25 +48,24 @@ from ._common import (
     signature,
 )
 
-# Runtime switches, sizes and the operand strides are never specialised by value (Triton turns
-# an int equal to 1 into a constant: a different compiled kernel per combination). Instead
+# Runtime switches and the operand column strides are never specialised by value (Triton turns
+# an int equal to 1 into a constant: one more compiled kernel per combination). Instead
 # COLS_CONTIG says "every operand read has column stride 1" (the common case: contiguous target,
 # a (C,) weight expanded over rows), which lets those loads vectorise; otherwise the column
-# strides are used as given.
-_NO_SPECIALIZE = ["R", "C", "cols_per_prog", "has_w", "has_pw", "has_scale", "labels", "probs",
-                  "count", "sy_r", "sy_c", "sw_r", "sw_c", "sp_r", "sp_c", "sg_r", "sg_c"]
+# strides are used as given. Sizes and row strides are left to Triton's specialisation: their
+# divisibility by 16 is what lets the masked loads vectorise (they are only used in address
+# arithmetic and masks, where a constant 1 compiles too).
+_NO_SPECIALIZE = ["has_w", "has_pw", "has_scale", "labels", "probs", "count",
+                  "sy_c", "sw_c", "sp_c", "sg_c"]
 
 
 @triton.jit
 def _offsets(r2, c2, s_r, s_c, COLS_CONTIG: tl.constexpr):
+    """Element offsets of a strided (R, C) operand: int64 rows times the row stride, plus the
+    columns (int32 when contiguous; widened before multiplying by a column stride)."""
     if COLS_CONTIG:
         return r2 * s_r + c2
-    return r2 * s_r + c2 * s_c
-
-# Columns per program on a GPU: 8 tiles of BCE_TILE[1]; assumption (not measured here): enough
-# work to amortise a program's start, and cdiv(C, 8192) chunks keep an 8-row, 256k-class batch
-# spread over 32 programs per row band instead of one.
-_TILES_PER_PROGRAM = 8
+    return r2 * s_r + c2.to(tl.int64) * s_c
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
@@ -75,63 +76,69 @@ def _sigmoid_bce_kernel(
     pw_ptr, sp_r, sp_c,          # pos_weight (has_pw)
     g_ptr, sg_r, sg_c,           # has_scale 1: 0-dim grad scale; 2: grad_loss (R, C) (backward)
     thr_ptr,                     # (C,) fp32 logit-space thresholds (labels / count)
-    loss_ptr,                    # LOSS 1: (R, C) contiguous; LOSS 2: (chunks, R) ACC-dtype partials
+    loss_ptr,                    # LOSS 1: (R, C) contiguous; LOSS 2: (column tiles, R) partials
     grad_ptr,                    # (R, C) contiguous (GRAD)
     labels_ptr, probs_ptr,       # (R, C) uint8 / logits dtype, contiguous
     counts_ptr,                  # (3, C) int64, zero-initialised: TP, FP, FN
-    R, C, cols_per_prog,
+    R, C, rows_per_prog,
     has_w, has_pw, has_scale, labels, probs, count,
     TARGET: tl.constexpr, LOSS: tl.constexpr, GRAD: tl.constexpr, COLS_CONTIG: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    band = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
-    rows = band * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    row_ok = rows < R
-    r2 = rows[:, None]
-    c_begin = chunk * cols_per_prog
-    c_end = tl.minimum(c_begin + cols_per_prog, C)
-    row_sum = tl.zeros([BLOCK_R], ACC)
+    # Program (i, j): rows [i * rows_per_prog, ...) of column tile j, in BLOCK_R-row steps.
+    tile = tl.program_id(1)
+    cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)  # int32: C < 2^31
+    c_ok = cols < C
+    c2 = cols[None, :]
+    row0 = tl.program_id(0).to(tl.int64) * rows_per_prog
+    row_end = tl.minimum(row0 + rows_per_prog, R)
     g = tl.full([], 1.0, ACC)
     if has_scale == 1:
         g = tl.load(g_ptr).to(ACC)
-    for start in range(c_begin, c_end, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        c_ok = cols < c_end
-        c2 = cols[None, :]
+    thr = tl.zeros([BLOCK_C], ACC)
+    if labels != 0:
+        thr = tl.load(thr_ptr + cols, mask=c_ok, other=0.0).to(ACC)
+    tp = tl.zeros([BLOCK_C], tl.int32)
+    fp = tl.zeros([BLOCK_C], tl.int32)
+    fn = tl.zeros([BLOCK_C], tl.int32)
+    for r_start in range(row0, row_end, BLOCK_R):
+        rows = r_start + tl.arange(0, BLOCK_R).to(tl.int64)
+        row_ok = rows < row_end
+        r2 = rows[:, None]
         mask = row_ok[:, None] & c_ok[None, :]
         x = tl.load(x_ptr + r2 * sx_r + c2, mask=mask, other=0.0).to(ACC)
         out = r2 * C + c2  # contiguous (R, C) outputs
         e = tl.exp(-tl.abs(x))
         sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         if TARGET != 0:
-            y_off = _offsets(r2, c2, sy_r, sy_c, COLS_CONTIG)
-            y = tl.load(y_ptr + y_off, mask=mask, other=0).to(ACC)
+            y = tl.load(y_ptr + _offsets(r2, c2, sy_r, sy_c, COLS_CONTIG), mask=mask,
+                        other=0).to(ACC)
             w = tl.full([BLOCK_R, BLOCK_C], 1.0, ACC)
             if has_w != 0:
-                w_off = _offsets(r2, c2, sw_r, sw_c, COLS_CONTIG)
-                w = tl.load(w_ptr + w_off, mask=mask, other=0.0).to(ACC)
+                w = tl.load(w_ptr + _offsets(r2, c2, sw_r, sw_c, COLS_CONTIG), mask=mask,
+                            other=0.0).to(ACC)
             py = y
             if has_pw != 0:
-                p_off = _offsets(r2, c2, sp_r, sp_c, COLS_CONTIG)
-                py = tl.load(pw_ptr + p_off, mask=mask, other=0.0).to(ACC) * y
+                py = y * tl.load(pw_ptr + _offsets(r2, c2, sp_r, sp_c, COLS_CONTIG), mask=mask,
+                                 other=0.0).to(ACC)
             if LOSS != 0:
                 softplus_neg = tl.maximum(-x, 0.0) + log1p_small(e)
                 loss = w * ((1.0 - y) * x + (1.0 + py - y) * softplus_neg)
                 if LOSS == 1:
                     tl.store(loss_ptr + out, loss.to(loss_ptr.dtype.element_ty), mask=mask)
                 else:
-                    row_sum += tl.sum(tl.where(mask, loss, 0.0), axis=1)
+                    row_sum = tl.sum(tl.where(mask, loss, 0.0), axis=1)
+                    tl.store(loss_ptr + tile * R + rows, row_sum.to(loss_ptr.dtype.element_ty),
+                             mask=row_ok)
             if GRAD:
                 dx = w * ((py + 1.0 - y) * sig - py) * g
                 if has_scale == 2:
-                    g_off = _offsets(r2, c2, sg_r, sg_c, COLS_CONTIG)
-                    dx = dx * tl.load(g_ptr + g_off, mask=mask, other=0.0).to(ACC)
+                    dx = dx * tl.load(g_ptr + _offsets(r2, c2, sg_r, sg_c, COLS_CONTIG),
+                                      mask=mask, other=0.0).to(ACC)
                 tl.store(grad_ptr + out, dx.to(grad_ptr.dtype.element_ty), mask=mask)
         if probs != 0:
             tl.store(probs_ptr + out, sig.to(probs_ptr.dtype.element_ty), mask=mask)
         if labels != 0:
-            thr = tl.load(thr_ptr + cols, mask=c_ok, other=0.0).to(ACC)
             lab = x > thr[None, :]  # strict: a logit exactly at the threshold is negative
             tl.store(labels_ptr + out, lab.to(tl.uint8), mask=mask)
             if TARGET != 0:
@@ -140,14 +147,14 @@ def _sigmoid_bce_kernel(
                     m01 = mask.to(tl.int32)
                     lab01 = lab.to(tl.int32) * m01
                     pos01 = (y > 0.5).to(tl.int32) * m01
-                    tp = tl.sum(lab01 * pos01, axis=0)
-                    fp = tl.sum(lab01 * (m01 - pos01), axis=0)
-                    fn = tl.sum((m01 - lab01) * pos01, axis=0)
-                    tl.atomic_add(counts_ptr + cols, tp.to(tl.int64), mask=c_ok)
-                    tl.atomic_add(counts_ptr + C + cols, fp.to(tl.int64), mask=c_ok)
-                    tl.atomic_add(counts_ptr + 2 * C + cols, fn.to(tl.int64), mask=c_ok)
-    if LOSS == 2:
-        tl.store(loss_ptr + chunk * R + rows, row_sum.to(loss_ptr.dtype.element_ty), mask=row_ok)
+                    tp += tl.sum(lab01 * pos01, axis=0)
+                    fp += tl.sum(lab01 * (m01 - pos01), axis=0)
+                    fn += tl.sum((m01 - lab01) * pos01, axis=0)
+    if TARGET != 0:
+        if count != 0:  # one integer atomic per column per program: deterministic
+            tl.atomic_add(counts_ptr + cols, tp.to(tl.int64), mask=c_ok)
+            tl.atomic_add(counts_ptr + C + cols, fp.to(tl.int64), mask=c_ok)
+            tl.atomic_add(counts_ptr + 2 * C + cols, fn.to(tl.int64), mask=c_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,9 +199,9 @@ def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, la
     block_r, block_c, warps = bce_config()
     if tile is not None:
         block_r, block_c = tile
-    cols_per_prog = block_c * (1 if interpreting() else _TILES_PER_PROGRAM)
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(classes, cols_per_prog))
-    if loss_mode == 2:  # per-chunk row sums, added up below in a fixed order
+    rows_per_prog = block_r * (2 if interpreting() else BCE_ROW_TILES_PER_PROGRAM)
+    grid = (triton.cdiv(rows, rows_per_prog), triton.cdiv(classes, block_c))
+    if loss_mode == 2:  # per-column-tile row sums, added up by the caller in a fixed order
         loss = torch.empty((grid[1], rows), dtype=acc_torch(logits.dtype), device=logits.device)
     kind = 0
     if target is not None:
@@ -223,7 +230,7 @@ def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, la
         ptr(labels.view(torch.uint8) if labels is not None else None, "labels_ptr"),
         ptr(probs, "probs_ptr"),
         ptr(counts, "counts_ptr"),
-        rows, classes, cols_per_prog,
+        rows, classes, rows_per_prog,
         int(weight is not None), int(pos_weight is not None),
         0 if scale is None else (2 if elementwise_scale else 1),
         int(labels is not None), int(probs is not None), int(counts is not None),

@@ -57,9 +57,11 @@ from ._common import (
     tanh,
 )
 
-# Runtime switches and C: Triton would otherwise specialise an int equal to 1 into a constant
-# (one more compiled variant, and `C.to(...)` breaks on a constant).
-_NO_SPECIALIZE = ["C", "ignore_index", "smooth", "need_v", "decode", "has_scale", "scale_stride"]
+# Runtime switches are never specialised (Triton turns an int equal to 1 into a constant: one
+# more compiled variant per switch). C and the strides are: their divisibility by 16 is what
+# lets the masked row loads vectorise; the kernel is written so that a constant C = 1 or
+# stride = 1 also compiles.
+_NO_SPECIALIZE = ["ignore_index", "smooth", "need_v", "decode", "has_scale", "scale_stride"]
 _INF = tl.constexpr(float("inf"))
 _NAN = tl.constexpr(float("nan"))
 _BIG = tl.constexpr(2147483647)  # "no index yet" for argmin-style reductions (C < 2^31)
@@ -91,7 +93,7 @@ def _softmax_ce_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     offs = tl.arange(0, BLOCK)
-    inv_c = 1.0 / C.to(ACC)
+    inv_c = 1.0 / (tl.zeros([], ACC) + C)
     eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
     zs = (tl.zeros([], ACC) + zs_hi) + zs_lo
     cap = (tl.zeros([], ACC) + cap_hi) + cap_lo
