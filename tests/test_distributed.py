@@ -146,6 +146,42 @@ for _w in (False, True):
 
 
 @case
+def random_layouts(rank, world, backend):
+    # property check: random class counts, random uneven splits in a random class order,
+    # random options and values with ties (integer logits), against torch on the full logits
+    for seed in range(8):
+        g = torch.Generator().manual_seed(1000 + seed)
+        c = int(torch.randint(world, 40, (1,), generator=g))
+        cuts = sorted(torch.randperm(c - 1, generator=g)[:world - 1].add(1).tolist())
+        sizes = [b - a for a, b in zip([0, *cuts], [*cuts, c], strict=True)]
+        order = torch.randperm(world, generator=g).tolist()  # order[i]: rank holding shard i
+        starts = {order[i]: sum(sizes[:i]) for i in range(world)}
+        size = sizes[order.index(rank)]
+        rows = int(torch.randint(1, 20, (1,), generator=g))
+        x = torch.randint(-3, 4, (rows, c), generator=g).float()  # many exact ties
+        t = torch.randint(0, c, (rows,), generator=g)
+        t[torch.rand(rows, generator=g) < 0.2] = IGNORE
+        w = torch.rand(c, generator=g) + 0.1 if seed % 2 else None
+        eps = (0.0, 0.3)[seed % 3 == 0]
+        zs = (0.0, 1e-2)[seed % 4 < 2]
+        red = ("none", "mean", "sum")[seed % 3]
+        start = starts[rank]
+        local = x[:, start:start + size].clone().requires_grad_()
+        out = D.cross_entropy(local, t, class_start=start, weight=w, ignore_index=IGNORE,
+                              reduction=red, label_smoothing=eps, lse_square_scale=zs,
+                              backend=backend, return_decoding=True)
+        up = torch.randn(out.loss.shape, generator=g, dtype=torch.float64)
+        out.loss.backward(up.float())
+        ref_loss, ref_grad = _oracle(x, t, w, red, eps, zs, up)
+        what = f"seed {seed}: C={c} sizes={sizes} order={order} rows={rows}"
+        torch.testing.assert_close(out.loss.double(), ref_loss, **F32,
+                                   msg=lambda m, what=what: f"{what}\n{m}")
+        torch.testing.assert_close(local.grad.double(), ref_grad[:, start:start + size],
+                                   **F32, msg=lambda m, what=what: f"{what}\n{m}")
+        assert torch.equal(out.pred, torch.argmax(x, -1)), what
+
+
+@case
 def decode_ties_and_confidence(rank, world, backend):
     _run_case(rank, world, backend, weight=True, eps=0.1, s=0.0, reduction="mean", decode=True)
 
