@@ -143,8 +143,8 @@ def multiclass_run(data, seed: int, epochs: int, backend: str) -> dict:
             fn = lambda z, i: fusedloss.cross_entropy(z, ytr[i], backend=backend)
         else:
             onehot = torch.nn.functional.one_hot(ytr, NUM_CLASSES).float()
-            fn = lambda z, i: fusedloss.binary_cross_entropy_with_logits(z, onehot[i],
-                                                                         backend=backend)
+            fn = lambda z, i, t=onehot: fusedloss.binary_cross_entropy_with_logits(
+                z, t[i], backend=backend)
         train(model, xtr, fn, epochs, seed)
         with torch.no_grad():
             z = model(xte)
@@ -216,7 +216,7 @@ def multilabel_run(data, seed: int, epochs: int, sizes: dict, skew, backend: str
     rows[VAL_PREFIX + "0.5"] = val(threshold=0.5)
     rows[VAL_PREFIX + "tuned per-class"] = val(
         logit_threshold=tune_thresholds(zva, yva, "f1").logit_threshold)
-    return {k: dict(zip(("micro_f1", "macro_f1"), f1s(c))) for k, c in rows.items()}
+    return {k: dict(zip(("micro_f1", "macro_f1"), f1s(c), strict=True)) for k, c in rows.items()}
 
 
 # ----------------------------------------------------------------------------- report
@@ -264,7 +264,7 @@ def plot(mc, mlres, path):
     ml_axes = [grid[r][c] for c in range(1, ncols) for r in range(2)]
     for ax in ml_axes[len(mlres):]:
         ax.axis("off")
-    for ax, (setting, runs) in zip(ml_axes, mlres.items()):
+    for ax, (setting, runs) in zip(ml_axes, mlres.items(), strict=False):
         methods = [k for k in runs[0] if not k.startswith(VAL_PREFIX)]
         for j, metric in enumerate(("micro_f1", "macro_f1")):
             means = [mean_std([r[k][metric] for r in runs])[0] for k in methods]

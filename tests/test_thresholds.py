@@ -44,16 +44,16 @@ def oracle_metric(tp, fp, fn, tn, metric, beta=1.0, min_recall=None):
 
 
 def oracle_counts(values, positives, t):
-    tp = sum(1 for v, y in zip(values, positives) if v > t and y)
-    fp = sum(1 for v, y in zip(values, positives) if v > t and not y)
-    fn = sum(1 for v, y in zip(values, positives) if not v > t and y)
-    tn = sum(1 for v, y in zip(values, positives) if not v > t and not y)
+    tp = sum(1 for v, y in zip(values, positives, strict=True) if v > t and y)
+    fp = sum(1 for v, y in zip(values, positives, strict=True) if v > t and not y)
+    fn = sum(1 for v, y in zip(values, positives, strict=True) if not v > t and y)
+    tn = sum(1 for v, y in zip(values, positives, strict=True) if not v > t and not y)
     return tp, fp, fn, tn
 
 
 def oracle_candidates(values):
     u = sorted(set(values))
-    return [u[0] - 1.0] + [(a + b) / 2 for a, b in zip(u, u[1:])] + [u[-1]]
+    return [u[0] - 1.0] + [(a + b) / 2 for a, b in zip(u, u[1:], strict=False)] + [u[-1]]
 
 
 def oracle_best(values, positives, metric, **kw):
@@ -287,7 +287,7 @@ def test_chunked_classes_match(monkeypatch):
     full = tune_thresholds(x, y, "balanced_accuracy")
     monkeypatch.setattr(th, "_CHUNK_ELEMENTS", 2 * 51)  # two classes per chunk
     chunked = tune_thresholds(x, y, "balanced_accuracy")
-    for a, b in zip(full, chunked):
+    for a, b in zip(full, chunked, strict=True):
         assert torch.equal(a, b)
 
 
@@ -470,7 +470,7 @@ def test_histogram_all_reduce_two_processes():
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                  for r in range(2)]
         outs = [p.communicate(timeout=120)[0] for p in procs]
-    for r, (p, out) in enumerate(zip(procs, outs)):
+    for r, (p, out) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, out
         assert f"ok {r}" in out
 

@@ -240,8 +240,9 @@ def _tune_sorted(x: Tensor, pos: Tensor, metric: str, beta: float, min_recall: f
     # Threshold of cut k: below min (k = 0), at max (k = N), else the midpoint of its neighbours.
     lo = vals.gather(0, (best - 1).clamp(min=0)[None])[0]
     hi = vals.gather(0, best.clamp(max=n - 1)[None])[0]
+    interior = _midpoint_cut(lo, torch.maximum(hi, lo))  # (hi = lo where best is 0 or N)
     cut = torch.where(best == 0, _below_all(vals[0], from_logits),
-                      torch.where(best == n, _above_all(vals[-1], from_logits), _midpoint_cut(lo, torch.maximum(hi, lo))))
+                      torch.where(best == n, _above_all(vals[-1], from_logits), interior))
     counts = torch.stack([tp.gather(0, best[None])[0], fp.gather(0, best[None])[0],
                           fn.gather(0, best[None])[0]])
     return cut, best_score, counts
@@ -332,7 +333,8 @@ class ThresholdHistogram:
         exact - histogram <= max_j (m+_j / P + m-_j / Q) / 2.
     `gap_bound(metric, beta)` returns these (capped at 1). For precision_at_recall there is no
     such additive bound (the recall constraint can exclude the neighbouring edges), but the
-    returned cut meets the recall constraint exactly on the data seen.
+    returned cut meets the recall constraint exactly on the data seen; when no edge does
+    (positives at or below e_0), the score is -inf and the cut is e_0.
 
     Counts are int64 on `device` (the device of the first update if None). `update` validates
     its input and so synchronises once per batch.
