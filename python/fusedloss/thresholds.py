@@ -64,7 +64,9 @@ class TunedThresholds(NamedTuple):
     """Result of `tune_thresholds` / `ThresholdHistogram.tune`, one entry per class.
 
     logit_threshold: (C,) decision rule `x > logit_threshold` on logits (exact when tuned
-        from logits: pass it as `logit_threshold=` to the library).
+        from logits: pass it as `logit_threshold=` to the library). Float32 for float32 /
+        half logits; float64 for float64 logits, whose cut the library's decoding (float32
+        thresholds, docs/OPS.md) reproduces only where it is representable in float32.
     threshold: (C,) the same cut in probability space, `p > threshold` (exact when tuned from
         probabilities; from logits it is `sigmoid(logit_threshold)`, which rounds to 0 or 1
         for |logit| beyond ~17 in float32).
