@@ -108,9 +108,13 @@ inline T hsum(const Vectorized<T>& v) {
   return r;
 }
 
-// exp with ~1 ulp error (Sleef u10) in both precisions.
+// exp for the softmax/sigmoid inner loops. fp32: ATen's exp_u20 polynomial (max 20 ulp, ~2.4e-6
+// relative; measured max 2.4e-6 relative error of the CE gradient against fp64, where eager
+// torch.softmax in fp32 has 6.5e-6) instead of Sleef's 1-ulp exp, which made the forward
+// compute-bound: 4096x32000 fp32 loss-only pass 79 ms -> 48 ms on the AVX-512 EPYC here.
+// fp64 (and the scalar default build) keeps the exact exp (exp_u20 falls back to it).
 template <typename T>
-inline Vectorized<T> vexp(const Vectorized<T>& v) { return v.exp(); }
+inline Vectorized<T> vexp(const Vectorized<T>& v) { return v.exp_u20(); }
 
 // ---------------------------------------------------------------------------------------------
 // Contiguous scalar_t -> acc conversion of n elements (vectorised for fp16/bf16).
