@@ -320,7 +320,7 @@ def main(argv=None):
 
     lines = [f"Command: python examples/ce_vs_bce.py{' --quick' if args.quick else ''}"
              f" (seeds {seeds}, epochs {epochs} / {short}, backend {args.backend} -> "
-             f"{fusedloss._backend.get(args.backend, 'cpu').name}, "
+             f"{fusedloss.resolve_backend(args.backend, 'cpu')}, "
              f"{args.threads} threads, {elapsed:.0f} s)",
              f"Machine: {platform.machine()} {platform.processor() or ''} "
              f"{os.cpu_count()} cores, torch {torch.__version__}",

@@ -58,3 +58,8 @@ def test_import_has_no_side_effects():
             "assert F.cross_entropy is a and torch.nn.CrossEntropyLoss is b; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ok"
+
+
+def test_resolve_backend_public():
+    assert fusedloss.resolve_backend("torch", "cpu") == "torch"
+    assert fusedloss.resolve_backend("auto", "cpu") == fusedloss.available_backends("cpu")[0]

@@ -112,3 +112,12 @@ def test_counts_soft_targets_and_empty(dev_backend):
         torch.zeros(0, 3, device=device), torch.zeros(0, 3, device=device), threshold=0.5,
         return_counts=True, backend=backend)
     assert empty.counts.tolist() == [[0, 0, 0]] * 3 and torch.isnan(empty.loss)
+
+
+def test_decode_only_outputs_carry_no_graph(dev_backend):
+    device, backend = dev_backend
+    x = torch.randn(3, 5, device=device, requires_grad=True)
+    dec = fusedloss.softmax_decode(x, backend=backend)
+    sig = fusedloss.sigmoid_decode(x, 0.5, return_probs=True, backend=backend)
+    assert dec.confidence.grad_fn is None and sig.probs.grad_fn is None
+    assert not dec.confidence.requires_grad and not sig.probs.requires_grad

@@ -7,7 +7,7 @@ patches nothing.
 from . import _backend
 from . import _torch_backend  # noqa: F401  (registers "torch")
 from . import _native  # noqa: F401  (registers "native" when built)
-from ._backend import available_backends
+from ._backend import available_backends, resolve_backend
 from .functional import (
     BCEOutput,
     CrossEntropyOutput,
@@ -19,6 +19,7 @@ from .functional import (
     softmax_decode,
 )
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
+from .thresholds import ThresholdHistogram, TunedThresholds, tune_thresholds
 
 try:
     from . import _triton  # noqa: F401  (registers "triton" when usable)
@@ -32,10 +33,14 @@ __all__ = [
     "CrossEntropyOutput",
     "SigmoidDecoding",
     "SoftmaxDecoding",
+    "ThresholdHistogram",
+    "TunedThresholds",
     "available_backends",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "resolve_backend",
     "sigmoid_decode",
     "softmax_decode",
+    "tune_thresholds",
 ]
 __version__ = "0.1.0"

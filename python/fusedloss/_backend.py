@@ -68,6 +68,11 @@ def available_backends(device="cpu") -> list[str]:
     return [b.name for b in usable]
 
 
+def resolve_backend(backend: str = "auto", device="cpu") -> str:
+    """The backend name that `backend=` resolves to for tensors on `device` (or raise)."""
+    return get(backend, device).name
+
+
 def get(name: str, device) -> Backend:
     """Resolve `backend=` (or FUSEDLOSS_BACKEND for "auto") to a usable Backend, or raise."""
     dev = _device(device)

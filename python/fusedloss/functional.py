@@ -384,7 +384,7 @@ def softmax_decode(logits: Tensor, *, softcap: float | None = None,
     cap = 0.0 if softcap is None else _check_number("softcap", softcap, 0.0)
     b = _backend.get(backend, logits.device)
     c = logits.shape[-1]
-    x2 = _rows(logits.reshape(-1, c))
+    x2 = _rows(logits.detach().reshape(-1, c))  # decodings are not differentiable
     pred, conf = b.ops.softmax_decode(x2, cap)
     return SoftmaxDecoding(pred.reshape(logits.shape[:-1]), conf.reshape(logits.shape[:-1]))
 
@@ -396,7 +396,7 @@ def sigmoid_decode(logits: Tensor, threshold=0.5, *, logit_threshold=None,
     _check_floating_input("logits", logits, "sigmoid_decode")
     b = _backend.get(backend, logits.device)
     c = logits.shape[-1] if logits.dim() > 0 else 1
-    x2 = _rows(logits.reshape(-1, c))
+    x2 = _rows(logits.detach().reshape(-1, c))  # decodings are not differentiable
     thr = _logit_threshold(None if logit_threshold is not None else threshold,
                            logit_threshold, c, logits.device)
     labels, probs = b.ops.sigmoid_decode(x2, thr, bool(return_probs))
