@@ -45,7 +45,8 @@ constexpr int64_t kBceSpanChunks = 256;
 constexpr int kBceBlocksPerSm = 8;
 // Register cap: 3 resident blocks (768 threads, <= 85 registers each) keep 768 x 32 bytes (logits +
 // target chunk) = 24 KiB of loads in flight per SM, above the ~15 KiB per SM that Little's law
-// asks for at 3.35 TB/s and ~600 ns latency on an H100. A cap of 64 registers made the bf16 kernel spill.
+// asks for at 3.35 TB/s and ~600 ns latency on an H100. A cap of 64 registers made the bf16
+// kernel spill (at 85, ptxas for sm_90 reports a 24-byte spill for bf16/fp16, none otherwise).
 constexpr int kBceMinBlocksPerSm = 3;
 
 struct BceArgs {
@@ -109,93 +110,93 @@ __global__ void __launch_bounds__(kBceBlock, kBceMinBlocksPerSm) bce_kernel(cons
     const int64_t row = base + slot;
     A rowsum = A(0);
     if (row < a.R) {
-    const T* xrow = X + row * a.ldx;
-    const int phase = row_phase(xrow, sizeof(T), V);
-    const int64_t j1 = min((C + phase + V - 1) / V, j0 + a.span_chunks);
-    const int64_t out_off = row * C;  // outputs are contiguous (R, C)
-    T* lrow = a.loss_elem ? static_cast<T*>(a.loss_elem) + out_off : nullptr;
-    T* grow = want_grad ? static_cast<T*>(a.grad) + out_off : nullptr;
-    T* prow = a.probs ? static_cast<T*>(a.probs) + out_off : nullptr;
-    bool* brow = a.labels ? a.labels + out_off : nullptr;
-    const bool fl = lrow && chunk_aligned<T, V>(lrow, phase);
-    const bool fg = grow && chunk_aligned<T, V>(grow, phase);
-    const bool fp = prow && chunk_aligned<T, V>(prow, phase);
-    const bool fb = brow && chunk_aligned<bool, V>(brow, phase);
-    const bool y_unit = a.y != nullptr && a.ys1 == 1;
-    const T* ytrow = a.y && !a.y_byte ? Yt + row * a.ys0 : nullptr;
-    const uint8_t* ybrow = a.y && a.y_byte ? Yb + row * a.ys0 : nullptr;
-    const bool fyt = ytrow && y_unit && chunk_aligned<T, V>(ytrow, phase);
-    const bool fyb = ybrow && y_unit && chunk_aligned<uint8_t, V>(ybrow, phase);
+      const T* xrow = X + row * a.ldx;
+      const int phase = row_phase(xrow, sizeof(T), V);
+      const int64_t j1 = min((C + phase + V - 1) / V, j0 + a.span_chunks);
+      const int64_t out_off = row * C;  // outputs are contiguous (R, C)
+      T* lrow = a.loss_elem ? static_cast<T*>(a.loss_elem) + out_off : nullptr;
+      T* grow = want_grad ? static_cast<T*>(a.grad) + out_off : nullptr;
+      T* prow = a.probs ? static_cast<T*>(a.probs) + out_off : nullptr;
+      bool* brow = a.labels ? a.labels + out_off : nullptr;
+      const bool fl = lrow && chunk_aligned<T, V>(lrow, phase);
+      const bool fg = grow && chunk_aligned<T, V>(grow, phase);
+      const bool fp = prow && chunk_aligned<T, V>(prow, phase);
+      const bool fb = brow && chunk_aligned<bool, V>(brow, phase);
+      const bool y_unit = a.y != nullptr && a.ys1 == 1;
+      const T* ytrow = a.y && !a.y_byte ? Yt + row * a.ys0 : nullptr;
+      const uint8_t* ybrow = a.y && a.y_byte ? Yb + row * a.ys0 : nullptr;
+      const bool fyt = ytrow && y_unit && chunk_aligned<T, V>(ytrow, phase);
+      const bool fyb = ybrow && y_unit && chunk_aligned<uint8_t, V>(ybrow, phase);
 
-    for (int64_t j = j0 + lx; j < j1; j += tx) {
-      const int64_t col = j * V - phase;
-      const int lo = static_cast<int>(max(static_cast<int64_t>(0), -col));
-      const int hi = static_cast<int>(min(static_cast<int64_t>(V), C - col));
-      const Pack<T, V> px = load_pack<T, V>(xrow + col, true, lo, hi);
-      A y[V];
-#pragma unroll
-      for (int k = 0; k < V; ++k) y[k] = A(0);
-      if (a.y != nullptr) {
-        if (y_unit && !a.y_byte) {
-          const Pack<T, V> py = load_pack<T, V>(ytrow + col, fyt, lo, hi);
-#pragma unroll
-          for (int k = 0; k < V; ++k) y[k] = static_cast<A>(py.v[k]);
-        } else if (y_unit) {
-          const Pack<uint8_t, V> py = load_pack<uint8_t, V>(ybrow + col, fyb, lo, hi);
-#pragma unroll
-          for (int k = 0; k < V; ++k) y[k] = static_cast<A>(py.v[k]);
-        } else {
-#pragma unroll
-          for (int k = 0; k < V; ++k)
-            if (k >= lo && k < hi) {
-              const int64_t off = (col + k) * a.ys1;
-              y[k] = a.y_byte ? static_cast<A>(ybrow[off]) : static_cast<A>(ytrow[off]);
-            }
+      for (int64_t j = j0 + lx; j < j1; j += tx) {
+        const int64_t col = j * V - phase;
+        const int lo = static_cast<int>(max(static_cast<int64_t>(0), -col));
+        const int hi = static_cast<int>(min(static_cast<int64_t>(V), C - col));
+        const Pack<T, V> px = load_pack<T, V>(xrow + col, true, lo, hi);
+        A y[V];
+  #pragma unroll
+        for (int k = 0; k < V; ++k) y[k] = A(0);
+        if (a.y != nullptr) {
+          if (y_unit && !a.y_byte) {
+            const Pack<T, V> py = load_pack<T, V>(ytrow + col, fyt, lo, hi);
+  #pragma unroll
+            for (int k = 0; k < V; ++k) y[k] = static_cast<A>(py.v[k]);
+          } else if (y_unit) {
+            const Pack<uint8_t, V> py = load_pack<uint8_t, V>(ybrow + col, fyb, lo, hi);
+  #pragma unroll
+            for (int k = 0; k < V; ++k) y[k] = static_cast<A>(py.v[k]);
+          } else {
+  #pragma unroll
+            for (int k = 0; k < V; ++k)
+              if (k >= lo && k < hi) {
+                const int64_t off = (col + k) * a.ys1;
+                y[k] = a.y_byte ? static_cast<A>(ybrow[off]) : static_cast<A>(ytrow[off]);
+              }
+          }
         }
-      }
-      // Outputs are kept in T (half the registers of A for bf16/fp16).
-      T lo_v[V], gr_v[V], pr_v[V];
-      bool lab[V], pos[V];
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const bool in = k >= lo && k < hi;
-        const int64_t c = col + k;
-        const A x = static_cast<A>(px.v[k]);
-        const A w = Wt && in ? static_cast<A>(Wt[row * a.ws0 + c * a.ws1]) : A(1);
-        const A p = Pt && in ? static_cast<A>(Pt[row * a.ps0 + c * a.ps1]) : A(1);
-        const A e = acc_exp(-fabs(x));  // in (0, 1]
-        const A inv = A(1) / (A(1) + e);
-        const A sig = x >= A(0) ? inv : e * inv;
-        if (want_loss) {
-          const A sp = fmax(-x, A(0)) + acc_log1p(e);  // softplus(-x)
-          const A l = w * ((A(1) - y[k]) * x + (A(1) + (p - A(1)) * y[k]) * sp);
-          lo_v[k] = static_cast<T>(l);
-          if (in) rowsum += l;
-        }
-        if (want_grad) {
-          const A g = Gl ? (in ? static_cast<A>(Gl[row * a.gs0 + c * a.gs1]) : A(0)) : g_fwd;
-          const A py = p * y[k];
-          gr_v[k] = static_cast<T>(g * w * ((py + A(1) - y[k]) * sig - py));
-        }
-        pr_v[k] = static_cast<T>(sig);
-        lab[k] = a.thr != nullptr && in && x > static_cast<A>(a.thr[c]);
-        pos[k] = y[k] > A(0.5);
-      }
-      if (lrow) store_pack<T, V>(lrow + col, fl, lo, hi, lo_v);
-      if (grow) store_pack<T, V>(grow + col, fg, lo, hi, gr_v);
-      if (prow) store_pack<T, V>(prow + col, fp, lo, hi, pr_v);
-      if (brow) store_pack<bool, V>(brow + col, fb, lo, hi, lab);
-      if (counting) {
-#pragma unroll
+        // Outputs are kept in T (half the registers of A for bf16/fp16).
+        T lo_v[V], gr_v[V], pr_v[V];
+        bool lab[V], pos[V];
+  #pragma unroll
         for (int k = 0; k < V; ++k) {
-          if (k < lo || k >= hi) continue;
-          const int64_t i = col + k - tile_base;
-          if (lab[k] && pos[k]) atomicAdd(&cnt[i], 1);
-          else if (lab[k]) atomicAdd(&cnt[tile_cols + i], 1);
-          else if (pos[k]) atomicAdd(&cnt[2 * tile_cols + i], 1);
+          const bool in = k >= lo && k < hi;
+          const int64_t c = col + k;
+          const A x = static_cast<A>(px.v[k]);
+          const A w = Wt && in ? static_cast<A>(Wt[row * a.ws0 + c * a.ws1]) : A(1);
+          const A p = Pt && in ? static_cast<A>(Pt[row * a.ps0 + c * a.ps1]) : A(1);
+          const A e = acc_exp(-fabs(x));  // in (0, 1]
+          const A inv = A(1) / (A(1) + e);
+          const A sig = x >= A(0) ? inv : e * inv;
+          if (want_loss) {
+            const A sp = fmax(-x, A(0)) + acc_log1p(e);  // softplus(-x)
+            const A l = w * ((A(1) - y[k]) * x + (A(1) + (p - A(1)) * y[k]) * sp);
+            lo_v[k] = static_cast<T>(l);
+            if (in) rowsum += l;
+          }
+          if (want_grad) {
+            const A g = Gl ? (in ? static_cast<A>(Gl[row * a.gs0 + c * a.gs1]) : A(0)) : g_fwd;
+            const A py = p * y[k];
+            gr_v[k] = static_cast<T>(g * w * ((py + A(1) - y[k]) * sig - py));
+          }
+          pr_v[k] = static_cast<T>(sig);
+          lab[k] = a.thr != nullptr && in && x > static_cast<A>(a.thr[c]);
+          pos[k] = y[k] > A(0.5);
+        }
+        if (lrow) store_pack<T, V>(lrow + col, fl, lo, hi, lo_v);
+        if (grow) store_pack<T, V>(grow + col, fg, lo, hi, gr_v);
+        if (prow) store_pack<T, V>(prow + col, fp, lo, hi, pr_v);
+        if (brow) store_pack<bool, V>(brow + col, fb, lo, hi, lab);
+        if (counting) {
+  #pragma unroll
+          for (int k = 0; k < V; ++k) {
+            if (k < lo || k >= hi) continue;
+            const int64_t i = col + k - tile_base;
+            if (lab[k] && pos[k]) atomicAdd(&cnt[i], 1);
+            else if (lab[k]) atomicAdd(&cnt[tile_cols + i], 1);
+            else if (pos[k]) atomicAdd(&cnt[2 * tile_cols + i], 1);
+          }
         }
       }
-    }
     }  // row < R
     if (a.loss_rows != nullptr) {
       rowsum = warp_sum(rowsum, tx);  // the tx lanes of a row are consecutive in one warp

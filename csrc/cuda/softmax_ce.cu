@@ -235,10 +235,12 @@ struct CeArgs {
 };
 
 // One row group: a warp (kWarpRow) or a block (+ cluster). See the top of the file.
-// Launch bounds cap registers at 64/thread (65536 registers per SM): warp rows 4 x 256 threads,
-// block rows 2 x 512 threads resident per SM, i.e. 1024-2048 threads to keep loads in flight.
+// Launch bounds (65536 registers per SM): block rows 2 x 512 threads resident per SM (<= 64
+// registers); warp rows 3 x 256 threads (<= 85 registers: at 64 the bf16 variant spilled 56
+// bytes, fp64 184). ptxas for sm_90 (nvcc 13.0): no spills except fp64 (8-16 bytes). Either way
+// 768-1024 threads x 16-byte loads keep >= 12 KiB per SM in flight.
 template <typename T, bool kWarpRow>
-__global__ void __launch_bounds__(kWarpRow ? kWarpRowBlock : kMaxBlock, kWarpRow ? 4 : 2)
+__global__ void __launch_bounds__(kWarpRow ? kWarpRowBlock : kMaxBlock, kWarpRow ? 3 : 2)
     ce_kernel(const CeArgs a) {
   using A = acc_t<T>;
   constexpr int V = kVec<T>;
