@@ -128,8 +128,8 @@ def _sigmoid_bce_kernel(
                     tl.store(loss_ptr + out, loss.to(loss_ptr.dtype.element_ty), mask=mask)
                 else:
                     row_sum = tl.sum(tl.where(mask, loss, 0.0), axis=1)
-                    tl.store(loss_ptr + tile * R + rows, row_sum.to(loss_ptr.dtype.element_ty),
-                             mask=row_ok)
+                    tl.store(loss_ptr + tile.to(tl.int64) * R + rows,
+                             row_sum.to(loss_ptr.dtype.element_ty), mask=row_ok)
             if GRAD:
                 dx = w * ((py + 1.0 - y) * sig - py) * g
                 if has_scale == 2:
