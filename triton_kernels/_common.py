@@ -39,11 +39,13 @@ INTERPRET_BCE_TILE = (4, 64)  # (rows, columns)
 # 40-49 registers with no spills and 16-byte vector loads, so 4 CTAs of 8 warps fit per SM
 # (full occupancy) with 16-32 KiB of logits in flight per SM. 16 elements per thread
 # (4096 x 8 warps) took 80-118 registers; 32 (8192 x 8 warps, bf16) took 246.
-# Rows of at most 1024 classes use the small config so short rows do not idle most lanes.
+# Shorter rows use smaller blocks so that a classifier with few classes does not spend its time
+# on masked lanes (a 10-class row in a 2048-wide block would use 0.5% of them): up to 1024
+# classes one block of 1024 over 4 warps, up to 128 classes one block of 128 over 1 warp (both
+# 8 elements per thread). Each tier is one more set of compiled specialisations, hence three.
 SOFTMAX_BLOCK = {2: 2048, 4: 2048, 8: 1024}
-SOFTMAX_SMALL_BLOCK = 1024
 SOFTMAX_WARPS = 8
-SOFTMAX_SMALL_WARPS = 4
+SOFTMAX_SHORT_ROWS = ((128, 1), (1024, 4))  # (BLOCK = the longest row it serves, num_warps)
 
 # BCE tile (rows, columns) per loop step with 4 warps: 8 elements per thread, so bf16 operands
 # load as 16-byte vectors. Measured with `ptxas -v` for sm_90a (bf16, row-sum loss + gradient,
@@ -66,14 +68,15 @@ def softmax_config(num_classes: int, itemsize: int) -> tuple[int, int]:
     """(BLOCK, num_warps) for a softmax-CE row of `num_classes` logits of `itemsize` bytes."""
     if interpreting():
         return INTERPRET_BLOCK, 1
-    if num_classes <= SOFTMAX_SMALL_BLOCK:
-        return SOFTMAX_SMALL_BLOCK, SOFTMAX_SMALL_WARPS
+    for block, warps in SOFTMAX_SHORT_ROWS:
+        if num_classes <= block:
+            return block, warps
     return SOFTMAX_BLOCK[itemsize], SOFTMAX_WARPS
 
 
 def softmax_configs(itemsize: int) -> list[tuple[int, int]]:
     """Every (BLOCK, num_warps) `softmax_config` returns on a GPU (for the AOT check)."""
-    return [(SOFTMAX_SMALL_BLOCK, SOFTMAX_SMALL_WARPS), (SOFTMAX_BLOCK[itemsize], SOFTMAX_WARPS)]
+    return [*SOFTMAX_SHORT_ROWS, (SOFTMAX_BLOCK[itemsize], SOFTMAX_WARPS)]
 
 
 def bce_config() -> tuple[int, int, int]:
