@@ -544,3 +544,24 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-6)
     close(got[0], torch.nn.functional.cross_entropy(x.to(F64), t, reduction="sum"),
           LOSS_TOL[torch.float32])
+
+
+def test_gpu_launch_tables_match_the_ahead_of_time_list(monkeypatch):
+    # Every configuration a GPU launch can pick must be one scripts/triton_aot_check.py
+    # compiles (specialisations()), and the softmax block must cover short rows in one step.
+    from fusedloss.triton_kernels import _common
+
+    monkeypatch.setattr(_common, "interpreting", lambda: False)
+    aot_softmax = {(ce["BLOCK"], warps, sig["x_ptr"]) for _, sig, ce, warps in
+                   ce_k.specialisations()}
+    for dtype in DTYPES:
+        ptr = "*" + _common.TL_NAMES[dtype]
+        size = torch.empty(0, dtype=dtype).element_size()
+        for classes in (1, 10, 128, 129, 1000, 1024, 1025, 32000, 128256, 262144):
+            block, warps = _common.softmax_config(classes, size)
+            assert (block, warps, ptr) in aot_softmax, (dtype, classes)
+            if classes <= 1024:
+                assert block >= classes  # one block per row
+    block_r, block_c, warps = _common.bce_config()
+    assert all((ce["BLOCK_R"], ce["BLOCK_C"], w) == (block_r, block_c, warps)
+               for _, _, ce, w in bce_k.specialisations())
