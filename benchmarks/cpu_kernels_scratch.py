@@ -1,6 +1,7 @@
 """Scratch timing of the native CPU kernels against eager PyTorch and torch.compile.
 
-Forward+backward, fp32, side by side in one process, median of --reps timed runs after warm-up.
+Forward+backward, fp32, side by side in one process, median of --reps timed runs after warm-up,
+providers interleaved within each repetition.
 fused = softmax_ce_fwd(compute_grad=True) + scale_grad_(1.0) (what the autograd layer does for
 reduction='mean'/'sum' with loss.backward()); eager = F.cross_entropy(x, t).backward().
 Every provider allocates its outputs fresh each run (page faults included, see ENVIRONMENT.md);
@@ -22,15 +23,19 @@ from fusedloss import _native
 ops = torch.ops.fusedloss
 
 
-def timeit(fn, reps, warmup=2):
-    for _ in range(warmup):
-        fn()
-    ts = []
+def time_interleaved(fns, reps, warmup=2):
+    """Median seconds per provider; the providers take turns in every repetition so that load
+    from other processes on a shared machine hits them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    ts = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            ts[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in ts.items()}
 
 
 def ce_case(R, C, reps):
@@ -108,7 +113,7 @@ def main():
     for key in (CASES if args.case == "all" else [args.case]):
         title, make = CASES[key]
         fns = make(args.reps)
-        times = {name: timeit(fn, args.reps) for name, fn in fns.items()}
+        times = time_interleaved(fns, args.reps)
         print(title)
         for name, t in times.items():
             print(f"  {name:20s} {t * 1e3:8.1f} ms   eager/this {times['eager'] / t:5.2f}x")
