@@ -86,7 +86,8 @@ def test_softmax_ce_fwd_class_targets(dtype, shape, opt):
     gst = None if gs is None else torch.tensor(gs, dtype=torch.float32)
     loss, lse, grad, pred, conf = ops.softmax_ce_fwd(x, t, w, gst, ii, eps, s, cap, True, True)
     el, els, eg, ep, ec = _ce_expect(x, t, w, gs, ii, eps, s, cap)
-    assert loss.dtype == lse.dtype == conf.dtype == torch.float32 and grad.dtype == dtype
+    acc = F64 if dtype == F64 else torch.float32  # loss/lse in the accumulation dtype
+    assert loss.dtype == lse.dtype == acc and conf.dtype == torch.float32 and grad.dtype == dtype
     _close(loss, el, **ROW_TOL)
     _close(lse, els, **ROW_TOL)
     _close(grad, eg, **GRAD_TOL[dtype])
@@ -359,7 +360,7 @@ def test_sigmoid_bce_fwd(dtype, shape, tkind, wkind, pkind):
     ecnt = ref.confusion_counts(elab, y)
     loss, grad, labels, probs, counts = ops.sigmoid_bce_fwd(x, y, w, pw, gs, thr, True, True,
                                                             True, True)
-    assert loss.dtype == torch.float32 and loss.shape == (R,)
+    assert loss.dtype == (F64 if dtype == F64 else torch.float32) and loss.shape == (R,)
     _close(loss, el.sum(-1), atol=1e-4, rtol=1e-5)
     _close(grad, eg, **GRAD_TOL[dtype])
     _close(probs, torch.sigmoid(x.to(F64)), **GRAD_TOL[dtype])
@@ -460,10 +461,13 @@ def _opcheck_samples():
         (ops.sigmoid_bce_bwd, (torch.rand(4, 37), x, yb, None, None)),
         (ops.sigmoid_decode, (x, thr, True)),
         (ops.scale_grad_, (torch.randn(4, 37), torch.tensor(2.0))),
+        # fp64: loss/lse/row sums come back in fp64 (the fake kernels must agree)
+        (ops.softmax_ce_fwd, (x.double(), t, None, gs.double(), -100, 0.0, 0.0, 0.0, True, True)),
+        (ops.sigmoid_bce_fwd, (x.double(), yb, None, None, None, None, True, True, False, False)),
     ]
 
 
-@pytest.mark.parametrize("case", range(10))
+@pytest.mark.parametrize("case", range(12))
 def test_opcheck(case):
     op, args = _opcheck_samples()[case]
     torch.library.opcheck(op, args)

@@ -37,7 +37,7 @@ struct BceJob {
   double g = 1.0;            // grad_scale
   bool loss_rows = false, loss_elem = false, grad = false, probs = false, labels = false,
        count = false;
-  float* loss_rows_out = nullptr;
+  void* loss_rows_out = nullptr;  // acc, (R,)
   void* loss_elem_out = nullptr;  // scalar_t, (R, C) contiguous
   void* grad_out = nullptr;       // scalar_t, (R, C) contiguous
   void* probs_out = nullptr;      // scalar_t, (R, C) contiguous
@@ -129,7 +129,7 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, int64_t* cnt) 
         }
       }
     }
-    if (j.loss_rows) j.loss_rows_out[r] = static_cast<float>(hsum(row_sum));
+    if (j.loss_rows) static_cast<acc*>(j.loss_rows_out)[r] = hsum(row_sum);
   }
 }
 
@@ -187,7 +187,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_bce_fwd_cpu(
     thr = class_vector(op, "threshold", *threshold, C, acc_dtype_of(logits));
     j.thr = thr.data_ptr();
   }
-  Tensor loss = reduce_rows ? at::empty({R}, o.dtype(at::kFloat)) : new_2d_output(R, C, o);
+  // Row sums in the accumulation dtype (fp64 for fp64 logits), elementwise loss in the logits'.
+  Tensor loss = reduce_rows ? at::empty({R}, o.dtype(acc_dtype_of(logits))) : new_2d_output(R, C, o);
   Tensor grad = compute_grad ? new_2d_output(R, C, o) : at::empty({0}, o);
   Tensor labels = has_thr ? at::empty({R, C}, o.dtype(at::kBool)) : at::empty({0}, o.dtype(at::kBool));
   Tensor probs = return_probs ? new_2d_output(R, C, o) : at::empty({0}, o);
@@ -197,7 +198,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_bce_fwd_cpu(
   j.probs = return_probs;
   j.labels = has_thr;
   j.count = count;
-  if (reduce_rows) j.loss_rows_out = loss.data_ptr<float>(); else j.loss_elem_out = loss.data_ptr();
+  if (reduce_rows) j.loss_rows_out = loss.data_ptr(); else j.loss_elem_out = loss.data_ptr();
   if (compute_grad) j.grad_out = grad.data_ptr();
   if (return_probs) j.probs_out = probs.data_ptr();
   if (has_thr) j.labels_out = labels.data_ptr<bool>();

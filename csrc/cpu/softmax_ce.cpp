@@ -377,8 +377,9 @@ CeConfig<acc> make_config(const Tensor& logits, const CeArgs& a, int64_t ignore_
 // The forward of softmax_ce_fwd (grad into `grad`) and softmax_ce_fwd_inplace (grad into logits).
 template <typename scalar_t>
 void ce_forward_kernel(const Tensor& logits, const Tensor& target, const CeConfig<acc_type<scalar_t>>& cfg,
-                       double g_scale, scalar_t* grad, bool inplace, bool decode, float* loss,
-                       float* lse, int64_t* pred, float* conf) {
+                       double g_scale, scalar_t* grad, bool inplace, bool decode,
+                       acc_type<scalar_t>* loss, acc_type<scalar_t>* lse, int64_t* pred,
+                       float* conf) {
   using acc = acc_type<scalar_t>;
   const int64_t R = logits.size(0), C = cfg.C;
   scalar_t* xbase = logits.data_ptr<scalar_t>();
@@ -406,8 +407,8 @@ void ce_forward_kernel(const Tensor& logits, const Tensor& target, const CeConfi
       if (want_grad && !ignored) keep = e_in_grad ? reinterpret_cast<acc*>(out) : sc.e.data();
       const RowStats<acc> st = row_stats<scalar_t, acc>(x, y, ignored ? -1 : t, cfg,
                                                         cfg.eps > 0 && !ignored, keep, sc);
-      lse[r] = static_cast<float>(st.lse);
-      loss[r] = ignored ? 0.f : static_cast<float>(row_loss(st, cfg, t));
+      lse[r] = st.lse;
+      loss[r] = ignored ? acc(0) : row_loss(st, cfg, t);
       if (decode) decode_row(x, st, cfg, sc, pred + r, conf + r);  // before x is overwritten
       if (!want_grad) continue;
       if (ignored) {
@@ -436,9 +437,12 @@ FwdOut ce_forward(const char* op, const Tensor& logits, const Tensor& target,
   const double g = read_grad_scale(op, grad_scale);
   const int64_t R = logits.size(0);
   const auto f32 = logits.options().dtype(at::kFloat);
+  // loss and lse in the accumulation dtype (fp64 for fp64 logits), confidence in fp32.
+  const auto acc_opts = logits.options().dtype(
+      logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   FwdOut o;
-  o.loss = at::empty({R}, f32);
-  o.lse = at::empty({R}, f32);
+  o.loss = at::empty({R}, acc_opts);
+  o.lse = at::empty({R}, acc_opts);
   o.pred = at::empty({decode ? R : 0}, logits.options().dtype(at::kLong));
   o.conf = at::empty({decode ? R : 0}, f32);
   FUSEDLOSS_DISPATCH_FLOATING(logits.scalar_type(), "softmax_ce_fwd", [&] {
@@ -447,7 +451,7 @@ FwdOut ce_forward(const char* op, const Tensor& logits, const Tensor& target,
     scalar_t* gp = inplace ? logits.data_ptr<scalar_t>()
                            : (grad != nullptr ? grad->data_ptr<scalar_t>() : nullptr);
     ce_forward_kernel<scalar_t>(logits, target, cfg, g, gp, inplace, decode,
-                                o.loss.data_ptr<float>(), o.lse.data_ptr<float>(),
+                                o.loss.data_ptr<acc>(), o.lse.data_ptr<acc>(),
                                 decode ? o.pred.data_ptr<int64_t>() : nullptr,
                                 decode ? o.conf.data_ptr<float>() : nullptr);
   });
