@@ -29,6 +29,10 @@ test: build
 bench: build
 	$(VPY) benchmarks/run.py
 
+# On the GPU machine (torch preinstalled there): build, CUDA tests, compute-sanitizer, GPU bench.
+gpu-check:
+	PY=$${PY:-python3} bash scripts/gpu_check.sh
+
 lint: $(STAMP)
 	$(VPY) -m ruff check python triton_kernels tests benchmarks examples
 
