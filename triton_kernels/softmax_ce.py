@@ -198,13 +198,16 @@ def _softmax_ce_kernel(
                 coef += eps * inv_c * v_sum
         else:
             coef = v_sum + 2.0 * zs * lse
+        if TARGET == 1:
+            g = tl.where(ignored, 0.0, g)  # an ignored row's (infinite) scale is never used
         g_row = grad_ptr + row * grad_stride
         for start in range(0, C, BLOCK):
             cols = start + offs
             mask = cols < C
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
             z = _capped(x, cap, SOFTCAP)
-            dz = tl.exp(z - p_shift) * (p_mul * coef)
+            # masked lanes: exp(0), never stored (exp(0 - p_shift) could overflow)
+            dz = tl.exp(tl.where(mask, z - p_shift, 0.0)) * (p_mul * coef)
             if TARGET == 1:
                 dz -= tl.where(cols == t, (1.0 - eps) * w_t, 0.0)
                 if smooth != 0:
