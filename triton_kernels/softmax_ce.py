@@ -25,6 +25,13 @@ and the gradient of the loss w.r.t. z (d lse / d z_c = p_c; d zs lse^2 = 2 zs ls
 times g (grad_scale, or the per-row incoming gradient in backward). Ignored rows: loss 0,
 gradient exactly 0 (a `where`, not a product, so an infinite g cannot make NaN).
 
+Traffic: forward + gradient reads the logits twice and writes the gradient once (3x the logits'
+bytes; the floor is 2x). The second read is an L2 hit while the rows in flight fit in L2
+(~50 MB on H100: about 132 SMs x 4 programs x row bytes, i.e. rows up to ~48 KiB, 24k bf16
+classes); for LLM vocabularies it comes from HBM. Keeping a whole 256k-class row on chip needs
+a row split across a thread-block cluster (not done; see the launch table in _common.py).
+Forward without gradient and decoding read the logits once.
+
 Out-of-range class index t (not ignore_index, outside [0, C)): the kernel never dereferences
 it; it writes loss = NaN and a NaN gradient row, because raising would need a host sync.
 The launchers additionally raise IndexError("Target <v> is out of bounds.") when the
