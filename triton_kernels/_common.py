@@ -37,8 +37,9 @@ INTERPRET_BCE_TILE = (4, 64)  # (rows, columns)
 # register counts for sm_90a (fwd + grad + weight + softcap, aligned operands), not from
 # timings (no GPU was lent to this work): 8 elements per thread keeps every 16/32-bit config at
 # 40 registers with no spills and 16-byte vector loads, so registers allow 6 CTAs of 8 warps
-# per SM (48 of 64 warps), i.e. 24 KiB (bf16) to 48 KiB (fp32) of logits per SM per block step. 16 elements per thread
-# (4096 x 8 warps) took 80-118 registers; 32 (8192 x 8 warps, bf16) took 246.
+# per SM (48 of 64 warps), i.e. 24 KiB (bf16) to 48 KiB (fp32) of logits per SM per block
+# step. 16 elements per thread (4096 x 8 warps) took 80-118 registers; 32 (8192 x 8 warps,
+# bf16) took 246.
 # Shorter rows use smaller blocks so that a classifier with few classes does not spend its time
 # on masked lanes (a 10-class row in a 2048-wide block would use 0.5% of them): up to 1024
 # classes one block of 1024 over 4 warps, up to 128 classes one block of 128 over 1 warp (both

@@ -28,8 +28,9 @@ gradient exactly 0 (a `where`, not a product, so an infinite g cannot make NaN).
 Traffic: forward + gradient reads the logits twice and writes the gradient once (3x the logits'
 bytes; the floor is 2x). The second read is an L2 hit while the rows in flight fit in L2
 (~50 MB on H100, against up to 132 SMs x 6 resident programs x row bytes: rows up to ~64 KiB,
-32k bf16 classes); for LLM vocabularies it comes from HBM. Keeping a whole 256k-class row on chip needs
-a row split across a thread-block cluster (not done; see the launch table in _common.py).
+32k bf16 classes); for LLM vocabularies it comes from HBM. Keeping a whole 256k-class row on
+chip needs a row split across a thread-block cluster (not done; see the launch table in
+_common.py).
 Forward without gradient and decoding read the logits once.
 
 Out-of-range class index t (not ignore_index, outside [0, C)): the kernel never dereferences
