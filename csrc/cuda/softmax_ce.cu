@@ -237,7 +237,8 @@ struct CeArgs {
 // One row group: a warp (kWarpRow) or a block (+ cluster). See the top of the file.
 // Launch bounds (65536 registers per SM): block rows 2 x 512 threads resident per SM (<= 64
 // registers); warp rows 3 x 256 threads (<= 85 registers: at 64 the bf16 variant spilled 56
-// bytes, fp64 184). ptxas for sm_90 (nvcc 13.0): no spills except fp64 (8-16 bytes). Either way
+// bytes, fp64 184). ptxas for sm_90 (nvcc 13.0) reports at most 8 spilled bytes for bf16/fp16
+// (block rows), none for fp32, 16-48 for fp64. Either way
 // 768-1024 threads x 16-byte loads keep >= 12 KiB per SM in flight.
 template <typename T, bool kWarpRow>
 __global__ void __launch_bounds__(kWarpRow ? kWarpRowBlock : kMaxBlock, kWarpRow ? 3 : 2)
@@ -313,13 +314,22 @@ __global__ void __launch_bounds__(kWarpRow ? kWarpRowBlock : kMaxBlock, kWarpRow
       __threadfence_system();
     }
 
-    // Pass 1: statistics (and staging).
+    // Pass 1: statistics (and staging). The next chunk's load is issued before the current one
+    // is processed (one 16-byte register prefetch), so each thread has two loads in flight.
     RowStats<A> st = empty_stats<A>();
+    auto load_x = [&](int64_t jj) {
+      const int64_t c = jj * V - phase;
+      return load_pack<T, V>(xrow + c, true, static_cast<int>(max(static_cast<int64_t>(0), -c)),
+                             static_cast<int>(min(static_cast<int64_t>(V), C - c)));
+    };
+    P next;
+    if (j0 + gtid < j1) next = load_x(j0 + gtid);
     for (int64_t j = j0 + gtid; j < j1; j += gthreads) {
       const int64_t col = j * V - phase;  // column of the chunk's element 0 (may be < 0)
       const int lo = static_cast<int>(max(static_cast<int64_t>(0), -col));
       const int hi = static_cast<int>(min(static_cast<int64_t>(V), C - col));
-      const P px = load_pack<T, V>(xrow + col, true, lo, hi);
+      const P px = next;
+      if (j + gthreads < j1) next = load_x(j + gthreads);
       if (a.stage) stage_buf[j - j0] = px;
       A z[V];
       A cm = -std::numeric_limits<A>::infinity();
