@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 LOG=${OUT:-/tmp/gpu_check}
 mkdir -p "$LOG"
+TMP=$(mktemp -d)  # scratch files that need not come back (the device tool returns <= 8 files)
+trap 'rm -rf "$TMP"' EXIT
 export PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 if [ -z "${CUDA_HOME:-}" ]; then
@@ -38,7 +40,7 @@ step() {  # step NAME NOTE CMD...: run, record status and time, keep the log
   return "$rc"
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$LOG/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$TMP/gpu.txt"
 
 build() {
   "$PY" -m pip install -q --no-build-isolation --no-deps -e . &&
@@ -48,7 +50,7 @@ assert n.cuda_built, 'CUDA kernels not built'"
 }
 
 tests() {
-  "$PY" -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda.py --junitxml="$LOG/test_cuda.xml"
+  "$PY" -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda.py
 }
 
 # Small cases touching every kernel and row layout (warp rows, block rows, clusters of 2 and 8,
@@ -56,7 +58,7 @@ tests() {
 # an out-of-range target). No caching allocator, so every tensor is its own allocation and an
 # out-of-bounds access cannot land silently in a neighbour.
 write_sanitize_case() {
-  cat > "$LOG/sanitize_case.py" <<'PYEOF'
+  cat > "$TMP/sanitize_case.py" <<'PYEOF'
 import torch, fusedloss  # noqa: F401
 ops, dev = torch.ops.fusedloss, "cuda"
 g = torch.Generator(device=dev).manual_seed(0)
@@ -96,7 +98,7 @@ PYEOF
 sanitize() {
   local tool=$1
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 9 \
-    --print-limit 20 "$PY" "$LOG/sanitize_case.py"
+    --print-limit 20 "$PY" "$TMP/sanitize_case.py"
 }
 
 bench() {
@@ -115,7 +117,7 @@ step racecheck "compute-sanitizer racecheck" sanitize racecheck || overall=1
 step bench "benchmarks/run.py --device cuda" bench || overall=1
 
 echo
-echo "gpu-check summary ($(cat "$LOG/gpu.txt" 2>/dev/null | head -1)), logs in $LOG"
+echo "gpu-check summary ($(head -1 "$TMP/gpu.txt" 2>/dev/null)), logs in $LOG"
 printf '%-10s %-10s %6s  %s\n' step status sec what
 for i in "${!NAMES[@]}"; do
   printf '%-10s %-10s %6s  %s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${SECS[$i]}" "${NOTES[$i]}"

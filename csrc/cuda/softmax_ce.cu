@@ -239,7 +239,7 @@ struct CeArgs {
 // registers); warp rows 3 x 256 threads (<= 85 registers: at 64 the bf16 variant spilled 56
 // bytes, fp64 184). ptxas for sm_90 (nvcc 13.0) reports at most 8 spilled bytes for bf16/fp16
 // (block rows), none for fp32, 16-48 for fp64. Either way
-// 768-1024 threads x 16-byte loads keep >= 12 KiB per SM in flight.
+// 768-1024 threads x 2 prefetched 16-byte loads keep >= 24 KiB per SM in flight.
 template <typename T, bool kWarpRow>
 __global__ void __launch_bounds__(kWarpRow ? kWarpRowBlock : kMaxBlock, kWarpRow ? 3 : 2)
     ce_kernel(const CeArgs a) {
