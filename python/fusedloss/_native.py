@@ -64,7 +64,9 @@ except OSError as e:  # a stale or foreign build (e.g. built against another tor
 if _reason:
     _backend.mark_unavailable("native", _reason)
 else:
-    from . import _ops  # noqa: F401  (fake kernels for torch.compile)
+    from . import _ops
+
+    _ops.register_fakes("fusedloss")  # fake kernels for torch.compile
 
     _backend.register(_backend.Backend(
         name="native",

@@ -87,9 +87,7 @@ FAKES = {
 
 
 def register_fakes(namespace: str) -> None:
-    """Register FAKES for `namespace::<op>` (fusedloss for native; Triton reuses them)."""
+    """Register FAKES for `namespace::<op>` (_native.py: fusedloss, once the schemas are
+    loaded; _triton.py: fusedloss_triton)."""
     for name, fn in FAKES.items():
         torch.library.register_fake(f"{namespace}::{name}")(fn)
-
-
-register_fakes("fusedloss")
