@@ -73,9 +73,11 @@ def prob_target(rows, classes, dtype, seed=2):
 # (rows, classes, pad, why)
 CE_SHAPES = [
     (7, 10, 0, "warp rows, tiny classifier"),
-    (33, 1000, 3, "ImageNet classes; sliced rows (stride 1003) are not 16-byte aligned"),
-    (4, 50257, 0, "GPT-2 vocabulary: odd C, clusters of 2 (bf16) / 4 (fp32)"),
-    (3, 131072, 0, "Llama-3-sized vocabulary: cluster path"),
+    (33, 1000, 3, "ImageNet classes: warp rows (bf16/fp16), block rows (fp32/fp64); sliced "
+                  "rows (stride 1003) are not 16-byte aligned"),
+    (4, 50257, 0, "GPT-2 vocabulary: odd C; clusters of 2 (bf16/fp16), 4 (fp32), 8 (fp64)"),
+    (3, 131072, 0, "Llama-3-sized vocabulary: clusters of 4 (bf16/fp16), 8 (fp32, fp64 at "
+                   "128 KiB per block)"),
 ]
 
 CE_OPTIONS = {
