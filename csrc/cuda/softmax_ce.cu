@@ -553,7 +553,8 @@ Layout choose_layout(int64_t C, bool want_grad, int device) {
   if (!want_grad) {  // one pass: nothing to keep
     return {false, block_threads_for(chunks), 1, false, chunks, 0};
   }
-  // Static shared memory of ce_kernel (red, cta_total, row_total) is < 3 KiB; keep 4 KiB free.
+  // Static shared memory of ce_kernel (red, cta_total, row_total) is < 2.2 KiB (ptxas, fp64);
+  // keep 4 KiB free so staging + static always fits under the opt-in limit set above.
   const int64_t optin = max_smem_optin(device) - 4096;
   int prop_major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&prop_major, cudaDevAttrComputeCapabilityMajor, device));
@@ -577,13 +578,16 @@ Layout choose_layout(int64_t C, bool want_grad, int device) {
 
 template <typename T, bool kWarpRow>
 void set_smem_attr(int device, size_t smem) {
-  // Raise the dynamic shared memory limit once per device to the opt-in maximum.
+  // Raise the dynamic shared memory limit once per device to the opt-in maximum minus the
+  // kernel's static shared memory (the sum may not exceed the opt-in limit).
   static std::atomic<bool> done[64];
-  if (smem <= 48 * 1024 || device >= 64 || done[device].load()) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(ce_kernel<T, kWarpRow>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      max_smem_optin(device)));
-  done[device].store(true);
+  if (smem <= 48 * 1024 || (device < 64 && done[device].load())) return;
+  cudaFuncAttributes fa;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&fa, ce_kernel<T, kWarpRow>));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(
+      ce_kernel<T, kWarpRow>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+      max_smem_optin(device) - static_cast<int>(fa.sharedSizeBytes)));
+  if (device < 64) done[device].store(true);
 }
 
 template <typename T>
