@@ -50,7 +50,8 @@ assert n.cuda_built, 'CUDA kernels not built'"
 }
 
 tests() {
-  "$PY" -m pytest -q -p no:cacheprovider -n 4 tests/test_cuda.py
+  # the whole suite: test_cuda.py plus every backend-parametrized test on (cuda, native|triton|torch)
+  "$PY" -m pytest -q -p no:cacheprovider -n 4 tests
 }
 
 # Small cases touching every kernel and row layout (warp rows, block rows, clusters of 2 and 8,

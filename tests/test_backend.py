@@ -63,3 +63,8 @@ def test_import_has_no_side_effects():
 def test_resolve_backend_public():
     assert fusedloss.resolve_backend("torch", "cpu") == "torch"
     assert fusedloss.resolve_backend("auto", "cpu") == fusedloss.available_backends("cpu")[0]
+
+
+def test_check_errors_is_safe_without_cuda_errors():
+    """check_errors() is a no-op when nothing is pending (and on machines without CUDA)."""
+    fusedloss.check_errors()

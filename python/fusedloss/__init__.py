@@ -8,6 +8,7 @@ from . import _backend
 from . import _torch_backend  # noqa: F401  (registers "torch")
 from . import _native  # noqa: F401  (registers "native" when built)
 from ._backend import available_backends, resolve_backend
+from ._native import check_errors
 from .functional import (
     BCEOutput,
     CrossEntropyOutput,
@@ -36,6 +37,7 @@ __all__ = [
     "ThresholdHistogram",
     "TunedThresholds",
     "available_backends",
+    "check_errors",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "resolve_backend",

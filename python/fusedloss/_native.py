@@ -76,3 +76,16 @@ else:
         build_hint="CPU kernels: `pip install --no-build-isolation -e .`; CUDA kernels need "
         "CUDA_HOME and a CUDA build of torch at build time.",
     ))
+
+
+def check_errors(device=None) -> None:
+    """Raise the error a CUDA kernel recorded without synchronising (out-of-range class target).
+
+    CUDA kernels cannot raise: they mark the row NaN and record the bad value on the device;
+    every later fusedloss CUDA op raises it. Call this after a synchronisation point (it
+    synchronises `device`) to surface it explicitly. No-op without CUDA kernels.
+    """
+    if not cuda_built or not torch.cuda.is_available():
+        return
+    torch.cuda.synchronize(device)
+    torch.ops.fusedloss_cuda.raise_pending_error()
