@@ -88,7 +88,10 @@ def _extensions():
     return exts, {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
 
 
-ext_modules, cmdclass = _extensions()
+# FUSEDLOSS_NO_EXT=1: register the package (editable install) without compiling; the Makefile
+# then builds the extensions once, incrementally, with `setup.py build_ext --inplace` (pip's own
+# build directory would otherwise compile everything a second time).
+ext_modules, cmdclass = ([], {}) if os.environ.get("FUSEDLOSS_NO_EXT") == "1" else _extensions()
 
 setup(
     name="fusedloss",
