@@ -54,7 +54,7 @@ class SigmoidDecoding(NamedTuple):
 
 
 # ----------------------------------------------------------------------------- validation
-def legacy_reduction(size_average, reduce, emit_warning: bool = True) -> str:
+def legacy_reduction(size_average, reduce, emit_warning: bool = True, stacklevel: int = 3) -> str:
     """torch's mapping of the deprecated size_average/reduce pair to a reduction string."""
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
@@ -63,7 +63,7 @@ def legacy_reduction(size_average, reduce, emit_warning: bool = True) -> str:
                       "reduction='none' instead." if not reduce else
                       "size_average and reduce args will be deprecated, please use "
                       f"reduction='{'mean' if size_average else 'sum'}' instead.",
-                      stacklevel=3)
+                      stacklevel=stacklevel)
     if not reduce:
         return "none"
     return "mean" if size_average else "sum"
@@ -110,6 +110,19 @@ def _check_number(name: str, value, lo=-math.inf, hi=math.inf) -> float:
     if not (lo <= value <= hi) or math.isnan(value):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
+
+
+def _loss_args(op: str, input, target, size_average, reduce, reduction, backend):
+    """The checks both losses start with; returns (reduction, backend object)."""
+    _check_tensor("input", input)
+    _check_tensor("target", target)
+    if size_average is not None or reduce is not None:
+        reduction = legacy_reduction(size_average, reduce, stacklevel=4)
+    _check_reduction(reduction)
+    _check_floating_input("input", input, op)
+    b = _backend.get(backend, input.device)
+    _check_same_device("target", target, input)
+    return reduction, b
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -203,12 +216,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     inplace_backward: the gradient overwrites `input` (saves one logits-sized buffer).
     return_decoding: also return pred/confidence/correct (CrossEntropyOutput).
     """
-    _check_tensor("input", input)
-    _check_tensor("target", target)
-    if size_average is not None or reduce is not None:
-        reduction = legacy_reduction(size_average, reduce)
-    _check_reduction(reduction)
-    _check_floating_input("input", input, "cross_entropy")
+    reduction, b = _loss_args("cross_entropy", input, target, size_average, reduce, reduction,
+                              backend)
     ls = float(label_smoothing)
     if not 0.0 <= ls <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {ls}")
@@ -216,8 +225,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     cap = 0.0 if softcap is None else _check_number("softcap", softcap, 0.0)
     if softcap is not None and cap == 0.0:
         raise ValueError("softcap must be > 0 (or None to disable), got 0.0")
-    b = _backend.get(backend, input.device)
-    _check_same_device("target", target, input)
     x2, t2, shape, prob = _ce_views(input, target, ignore_index)
     _check_class_weight(weight, x2)
     if prob and weight is not None and weight.dtype != x2.dtype:
@@ -340,14 +347,8 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
     (the last dim); return_probs: sigmoid(input); return_counts: (3, C) [TP, FP, FN].
     With any of them the result is a BCEOutput, else the plain loss tensor.
     """
-    _check_tensor("input", input)
-    _check_tensor("target", target)
-    if size_average is not None or reduce is not None:
-        reduction = legacy_reduction(size_average, reduce)
-    _check_reduction(reduction)
-    _check_floating_input("input", input, "binary_cross_entropy_with_logits")
-    b = _backend.get(backend, input.device)
-    _check_same_device("target", target, input)
+    reduction, b = _loss_args("binary_cross_entropy_with_logits", input, target, size_average,
+                              reduce, reduction, backend)
     x2, t2, out_dtype = _bce_views(input, target)
     w2 = _broadcast_view("weight", weight, input, x2)
     pw2 = _broadcast_view("pos_weight", pos_weight, input, x2)
