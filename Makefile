@@ -30,7 +30,7 @@ $(EDITABLE): $(STAMP) setup.py pyproject.toml
 build: $(EDITABLE)
 	$(VPY) setup.py -q build_ext --inplace
 
-test: build
+test: build lint
 	$(VPY) -m pytest -q -n 2 tests
 
 bench: build

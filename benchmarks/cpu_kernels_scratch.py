@@ -44,7 +44,8 @@ def ce_case(R, C, reps):
     one = torch.ones(())
 
     def fused():
-        loss, lse, grad, _, _ = ops.softmax_ce_fwd(x0, t, None, None, -100, 0.0, 0.0, 0.0, True, False)
+        loss, lse, grad, _, _ = ops.softmax_ce_fwd(x0, t, None, None, -100, 0.0, 0.0, 0.0,
+                                                   True, False)
         loss.sum()
         ops.scale_grad_(grad, one)
         return grad
@@ -87,7 +88,8 @@ def bce_case(R, C, reps):
     one = torch.ones(())
 
     def fused():
-        loss, grad, *_ = ops.sigmoid_bce_fwd(x0, y, None, None, None, None, True, True, False, False)
+        loss, grad, *_ = ops.sigmoid_bce_fwd(x0, y, None, None, None, None, True, True, False,
+                                             False)
         loss.sum()
         ops.scale_grad_(grad, one)
 
@@ -117,7 +119,8 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu isa "
-          f"{_native.loaded_cpu_isa}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}")
+          f"{_native.loaded_cpu_isa}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '0')}")
     for key in (CASES if args.case == "all" else [args.case]):
         title, make = CASES[key]
         fns = make(args.reps)

@@ -13,8 +13,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import fusedloss  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
+
+import fusedloss  # noqa: E402
 
 settings.register_profile(
     "ci", deadline=None, derandomize=True, database=None,

@@ -3,9 +3,9 @@ gradients as eager, on every backend (the ops are traced through their fake kern
 
 import pytest
 import torch
-from helpers import assert_close
 
 import fusedloss
+from helpers import assert_close
 
 
 class Head(torch.nn.Module):
@@ -46,11 +46,11 @@ def test_compile_fullgraph(dev_backend, kind):
     lc = out_c if torch.is_tensor(out_c) else out_c[0]
     assert_close(lc, le, torch.float32)
     if not torch.is_tensor(out_e):
-        for a, b in zip(out_c[1:], out_e[1:]):
+        for a, b in zip(out_c[1:], out_e[1:], strict=True):
             if a is not None:
                 assert torch.equal(a, b) if not a.is_floating_point() else \
                     torch.allclose(a, b, atol=1e-6)
     le.sum().backward()
     lc.sum().backward()
-    for pe, pc in zip(eager.parameters(), compiled.parameters()):
+    for pe, pc in zip(eager.parameters(), compiled.parameters(), strict=True):
         assert_close(pc.grad, pe.grad, torch.float32)

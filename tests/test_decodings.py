@@ -4,9 +4,9 @@ torch.softmax / torch.sigmoid and hand-counted confusion counts, on every backen
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
 
 import fusedloss
+from helpers import assert_close
 
 
 def test_softmax_decoding_with_loss(dev_backend):
@@ -62,8 +62,8 @@ def hand_counts(labels, target):
     tgt = target.reshape(-1, target.shape[-1]).tolist()
     c = len(lab[0]) if lab else labels.shape[-1]
     tp, fp, fn = [0] * c, [0] * c, [0] * c
-    for row_l, row_t in zip(lab, tgt):
-        for j, (lv, tv) in enumerate(zip(row_l, row_t)):
+    for row_l, row_t in zip(lab, tgt, strict=True):
+        for j, (lv, tv) in enumerate(zip(row_l, row_t, strict=True)):
             pos = tv > 0.5
             tp[j] += int(lv and pos)
             fp[j] += int(lv and not pos)

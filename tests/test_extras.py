@@ -4,9 +4,9 @@ incoming gradients that are not 1, stride-0 incoming gradients, extreme logits."
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close
 
 import fusedloss
+from helpers import assert_close
 
 
 def zloss_softcap_oracle(x, t, weight, reduction, smoothing, s, cap, ignore_index=-100):

@@ -73,8 +73,8 @@ def test_public_function_gradcheck(dev_backend):
     x = x.detach().to(device).requires_grad_(True)
     t, w = t.to(device), w.to(device)
     for reduction in ("mean", "none"):
-        assert gradcheck(lambda x: fusedloss.cross_entropy(  # noqa: B023
-            x, t, w, reduction=reduction, label_smoothing=0.1, lse_square_scale=0.01,
+        assert gradcheck(lambda x, r=reduction: fusedloss.cross_entropy(
+            x, t, w, reduction=r, label_smoothing=0.1, lse_square_scale=0.01,
             softcap=5.0, backend=backend), (x,), nondet_tol=1e-12)
     y = torch.rand(5, 6, dtype=torch.float64, device=device)
     assert gradcheck(lambda x: fusedloss.binary_cross_entropy_with_logits(

@@ -523,6 +523,6 @@ def test_isa_builds_agree():
             # Vectorized exp/tanh/log (Sleef) vs the scalar fallback differ by ~1 ulp, which the
             # bf16 rounding of the gradient can turn into one bf16 ulp.
             tol = dict(atol=4e-3, rtol=8e-3) if "bfloat16" in dt else dict(atol=1e-5, rtol=1e-5)
-            for a, b in zip(outs, base[dt]):
+            for a, b in zip(outs, base[dt], strict=True):
                 torch.testing.assert_close(torch.tensor(a), torch.tensor(b), equal_nan=True,
                                            **tol)

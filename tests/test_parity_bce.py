@@ -1,14 +1,14 @@
-"""fusedloss.binary_cross_entropy_with_logits against torch: values and gradients on every backend."""
+"""fusedloss.binary_cross_entropy_with_logits against torch: values and gradients, every backend."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import example_budget
-from helpers import assert_close, assert_no_worse_than_torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusedloss
+from conftest import example_budget
+from helpers import assert_close, assert_no_worse_than_torch
 
 
 @st.composite

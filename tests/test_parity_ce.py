@@ -4,12 +4,12 @@ every backend, over a random space of shapes and options (hypothesis) and named 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import example_budget
-from helpers import assert_close, assert_no_worse_than_torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fusedloss
+from conftest import example_budget
+from helpers import assert_close, assert_no_worse_than_torch
 
 
 @st.composite

@@ -4,9 +4,11 @@ Importing loads the built extensions (if any) and records which backends are usa
 patches nothing.
 """
 
-from . import _backend
-from . import _torch_backend  # noqa: F401  (registers "torch")
-from . import _native  # noqa: F401  (registers "native" when built)
+from . import (
+    _backend,
+    _native,  # noqa: F401  (registers "native" when built)
+    _torch_backend,  # noqa: F401  (registers "torch")
+)
 from ._backend import available_backends, resolve_backend
 from ._native import check_errors
 from .functional import (

@@ -9,8 +9,9 @@ calls `get(name, device).ops.<op>(...)`, so a new backend plugs in without touch
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

@@ -22,9 +22,10 @@ import torch
 import triton  # noqa: F401  (ImportError here = backend unavailable)
 from torch import Tensor
 
-from . import _backend
-
-from . import _ops  # fake kernels shared with the native ops
+from . import (
+    _backend,
+    _ops,  # fake kernels shared with the native ops
+)
 from .triton_kernels import scale_grad as _scale
 from .triton_kernels import sigmoid_bce as _bce
 from .triton_kernels import softmax_ce as _ce
