@@ -59,12 +59,13 @@ struct BceArgs {
   int64_t ws0, ws1;
   const void* pw;  // pos_weight view (R, C), any strides, or nullptr
   int64_t ps0, ps1;
-  const float* gscale;  // forward: 0-dim scale or nullptr (1)
+  const void* gscale;   // forward: 0-dim scale in the accumulation type, or nullptr (1)
   const void* gl;       // backward: grad_loss (R, C) in T, any strides, or nullptr
   int64_t gs0, gs1;
   const float* thr;        // (C,) logit-space thresholds or nullptr
   void* loss_elem;         // (R, C) contiguous T, or nullptr
-  float* loss_rows;        // (tiles, R) fp32 row partials (the (R,) loss when tiles == 1)
+  void* loss_rows;         // (tiles, R) row partials in the accumulation type (fp64 for fp64
+                           // logits); the (R,) loss itself when tiles == 1
   void* grad;              // (R, C) contiguous T, or nullptr
   bool* labels;            // (R, C) contiguous, or nullptr
   void* probs;             // (R, C) contiguous T, or nullptr
@@ -100,7 +101,7 @@ __global__ void __launch_bounds__(kBceBlock, kBceMinBlocksPerSm) bce_kernel(cons
   const T* Wt = static_cast<const T*>(a.w);
   const T* Pt = static_cast<const T*>(a.pw);
   const T* Gl = static_cast<const T*>(a.gl);
-  const A g_fwd = a.gscale != nullptr ? static_cast<A>(*a.gscale) : A(1);
+  const A g_fwd = a.gscale != nullptr ? *static_cast<const A*>(a.gscale) : A(1);
   const bool want_loss = a.loss_elem != nullptr || a.loss_rows != nullptr;
   const bool want_grad = a.grad != nullptr;
 
@@ -200,7 +201,7 @@ __global__ void __launch_bounds__(kBceBlock, kBceMinBlocksPerSm) bce_kernel(cons
     }  // row < R
     if (a.loss_rows != nullptr) {
       rowsum = warp_sum(rowsum, tx);  // the tx lanes of a row are consecutive in one warp
-      if (lx == 0 && row < a.R) a.loss_rows[blockIdx.x * a.R + row] = static_cast<float>(rowsum);
+      if (lx == 0 && row < a.R) static_cast<A*>(a.loss_rows)[blockIdx.x * a.R + row] = rowsum;
     }
   }
 
@@ -218,10 +219,11 @@ __global__ void __launch_bounds__(kBceBlock, kBceMinBlocksPerSm) bce_kernel(cons
 }
 
 // loss[r] = sum over tiles b (in order) of part[b, r].
-__global__ void bce_row_sum_kernel(const float* part, float* loss, int64_t R, int64_t tiles) {
+template <typename A>
+__global__ void bce_row_sum_kernel(const A* part, A* loss, int64_t R, int64_t tiles) {
   for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < R;
        r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float s = 0.f;
+    A s = 0;
     for (int64_t b = 0; b < tiles; ++b) s += part[b * R + r];
     loss[r] = s;
   }
@@ -229,7 +231,8 @@ __global__ void bce_row_sum_kernel(const float* part, float* loss, int64_t R, in
 
 // Launch bce_kernel over (R, C); `loss_rows_out` is the (R,) output when reducing rows.
 template <typename T>
-void launch_bce(BceArgs a, const at::Tensor& logits, float* loss_rows_out) {
+void launch_bce(BceArgs a, const at::Tensor& logits, void* loss_rows_out) {
+  using A = acc_t<T>;
   if (a.R == 0 || a.C == 0) return;
   const int device = logits.get_device();
   const int64_t chunks = max_row_chunks<T>(a.C);
@@ -248,8 +251,8 @@ void launch_bce(BceArgs a, const at::Tensor& logits, float* loss_rows_out) {
     if (tiles == 1) {
       a.loss_rows = loss_rows_out;
     } else {
-      part = at::empty({tiles, a.R}, logits.options().dtype(at::kFloat));
-      a.loss_rows = part.data_ptr<float>();
+      part = at::empty({tiles, a.R}, logits.options().dtype(c10::CppTypeToScalarType<A>::value));
+      a.loss_rows = part.data_ptr();
     }
   }
   TORCH_CHECK(tiles <= 0x7fffffff, "logits: too many classes (", a.C, ")");
@@ -263,8 +266,8 @@ void launch_bce(BceArgs a, const at::Tensor& logits, float* loss_rows_out) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (part.defined()) {
     const int64_t blocks = std::min<int64_t>((a.R + 255) / 256, 65535);
-    bce_row_sum_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
-        a.loss_rows, loss_rows_out, a.R, tiles);
+    bce_row_sum_kernel<A><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+        static_cast<const A*>(a.loss_rows), static_cast<A*>(loss_rows_out), a.R, tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -345,23 +348,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_b
   a.thr = threshold_ptr(threshold, logits);
   const auto opts = logits.options();
   // Every row sum is written by the kernel, unless there are no classes (then it is 0).
+  // Row sums in the accumulation type (fp64 for fp64 logits, docs/OPS.md).
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = !reduce_rows ? at::empty({a.R, a.C}, opts)
-                    : a.C == 0   ? at::zeros({a.R}, opts.dtype(at::kFloat))
-                                 : at::empty({a.R}, opts.dtype(at::kFloat));
+                    : a.C == 0   ? at::zeros({a.R}, opts.dtype(acc))
+                                 : at::empty({a.R}, opts.dtype(acc));
   at::Tensor grad = compute_grad ? at::empty({a.R, a.C}, opts) : at::empty({0}, opts);
   at::Tensor labels = a.thr ? at::empty({a.R, a.C}, opts.dtype(at::kBool))
                             : at::empty({0}, opts.dtype(at::kBool));
   at::Tensor probs = return_probs ? at::empty({a.R, a.C}, opts) : at::empty({0}, opts);
   at::Tensor counts = count ? at::zeros({3, a.C}, opts.dtype(at::kLong))
                             : at::empty({0}, opts.dtype(at::kLong));
+  at::Tensor scale_holder;  // grad_scale in the accumulation type (`.to` is a no-op if it is)
   if (compute_grad && grad_scale.has_value()) {
     const at::Tensor& g = *grad_scale;
     TORCH_CHECK(g.device() == logits.device(), "grad_scale is on ", g.device(),
                 " but logits are on ", logits.device());
-    TORCH_CHECK(g.numel() == 1 && g.scalar_type() == at::kFloat,
-                "grad_scale: expected a 0-dim float32 tensor, got ", g.scalar_type(), " ",
+    TORCH_CHECK(g.numel() == 1 && at::isFloatingType(g.scalar_type()),
+                "grad_scale: expected a 0-dim floating tensor, got ", g.scalar_type(), " ",
                 g.sizes());
-    a.gscale = g.data_ptr<float>();
+    scale_holder = g.to(acc);
+    a.gscale = scale_holder.data_ptr();
   }
   if (!reduce_rows) a.loss_elem = loss.data_ptr();
   if (compute_grad) a.grad = grad.data_ptr();
@@ -369,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_b
   if (return_probs) a.probs = probs.data_ptr();
   if (count) a.counts = reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>());
   FUSEDLOSS_DISPATCH_FLOAT(logits.scalar_type(), "sigmoid_bce_fwd", [&] {
-    launch_bce<scalar_t>(a, logits, reduce_rows ? loss.data_ptr<float>() : nullptr);
+    launch_bce<scalar_t>(a, logits, reduce_rows ? loss.data_ptr() : nullptr);
   });
   return {loss, grad, labels, probs, counts};
 }

@@ -217,12 +217,13 @@ struct CeArgs {
   const void* ytarget;    // probability targets (R, C), row stride ldy, or nullptr
   int64_t ldy;
   const void* weight;        // (C,) or nullptr
-  const float* grad_scale;   // forward: 0-dim scale, nullptr means 1
+  const void* grad_scale;    // forward: 0-dim scale in the accumulation type, nullptr means 1
   const void* row_scale;     // backward: grad_loss (R,) in the accumulation type, stride rs
   int64_t rs;
-  const float* saved_lse;    // backward: lse from the forward
-  float* loss;               // (R,) or nullptr
-  float* lse;                // (R,) or nullptr
+  // loss / lse / saved_lse are in the accumulation type (fp64 for fp64 logits; docs/OPS.md)
+  const void* saved_lse;     // backward: lse from the forward
+  void* loss;                // (R,) or nullptr
+  void* lse;                 // (R,) or nullptr
   int64_t* pred;             // (R,) or nullptr
   float* conf;               // (R,) or nullptr
   int64_t R, C;
@@ -275,7 +276,7 @@ __global__ void __launch_bounds__(kWarpRow ? kWarpRowBlock : kMaxBlock, kWarpRow
   const bool need_w = a.weight != nullptr && (smooth || has_prob);
   const bool need_ref = smooth || (has_prob && want_loss);
   const T* W = static_cast<const T*>(a.weight);
-  const A g_fwd = a.grad_scale != nullptr ? static_cast<A>(*a.grad_scale) : A(1);
+  const A g_fwd = a.grad_scale != nullptr ? *static_cast<const A*>(a.grad_scale) : A(1);
   auto zof = [&](A x) { return capped ? cap * acc_tanh(x * inv_cap) : x; };
 
   const int64_t groups_per_grid =
@@ -416,13 +417,13 @@ __global__ void __launch_bounds__(kWarpRow ? kWarpRowBlock : kMaxBlock, kWarpRow
     }
 
     const A lse_fwd = shift_of(st.m) + acc_log(st.s);
-    const A lse = a.saved_lse != nullptr ? static_cast<A>(a.saved_lse[row]) : lse_fwd;
+    const A lse = a.saved_lse != nullptr ? static_cast<const A*>(a.saved_lse)[row] : lse_fwd;
     const A Wsum = a.weight != nullptr ? st.sw : static_cast<A>(C);
     const A w_t = valid_cls ? (a.weight != nullptr ? static_cast<A>(W[t]) : A(1)) : A(0);
     const A wt1 = (A(1) - eps) * w_t;
 
     if (gtid == 0 && rank == 0) {
-      if (a.lse != nullptr) a.lse[row] = static_cast<float>(lse_fwd);
+      if (a.lse != nullptr) static_cast<A*>(a.lse)[row] = lse_fwd;
       if (decode) {
         a.pred[row] = st.ai;
         a.conf[row] = static_cast<float>(acc_exp(st.am - lse_fwd));
@@ -439,7 +440,7 @@ __global__ void __launch_bounds__(kWarpRow ? kWarpRowBlock : kMaxBlock, kWarpRow
           l = wt1 * (lse_fwd - z_t) + zsq * lse_fwd * lse_fwd;
           if (smooth) l += eps_c * (Wsum * (lse_fwd - ref) - st.swz);
         }
-        a.loss[row] = static_cast<float>(l);
+        static_cast<A*>(a.loss)[row] = l;
       }
     }
 
@@ -724,14 +725,22 @@ CeArgs base_args(const at::Tensor& logits, const at::Tensor& target,
   return a;
 }
 
-const float* scale_ptr(const std::optional<at::Tensor>& grad_scale, const at::Tensor& logits) {
+at::ScalarType acc_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// grad_scale as a 0-dim tensor of the accumulation type; `holder` keeps a converted copy alive
+// (`.to` is a no-op when the dtype already matches, the usual case).
+const void* scale_ptr(const std::optional<at::Tensor>& grad_scale, const at::Tensor& logits,
+                      at::Tensor& holder) {
   if (!grad_scale.has_value()) return nullptr;
   const at::Tensor& g = *grad_scale;
   check_same_device(g, logits, "grad_scale");
-  TORCH_CHECK(g.numel() == 1 && g.scalar_type() == at::kFloat,
-              "grad_scale: expected a 0-dim float32 tensor, got ", g.scalar_type(), " of shape ",
+  TORCH_CHECK(g.numel() == 1 && at::isFloatingType(g.scalar_type()),
+              "grad_scale: expected a 0-dim floating tensor, got ", g.scalar_type(), " of shape ",
               g.sizes());
-  return g.data_ptr<float>();
+  holder = g.to(acc_dtype(logits));
+  return holder.data_ptr();
 }
 
 
@@ -744,8 +753,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_c
   CeArgs a = base_args(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
                        softcap);
   const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({a.R}, f32);
-  at::Tensor lse = at::empty({a.R}, f32);
+  const auto acc = logits.options().dtype(acc_dtype(logits));
+  at::Tensor loss = at::empty({a.R}, acc);
+  at::Tensor lse = at::empty({a.R}, acc);
   at::Tensor grad = compute_grad ? at::empty({a.R, a.C}, logits.options())
                                  : at::empty({0}, logits.options());
   at::Tensor pred = decode ? at::empty({a.R}, logits.options().dtype(at::kLong))
@@ -759,9 +769,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_c
       conf.zero_();
     }
   }
-  a.grad_scale = compute_grad ? scale_ptr(grad_scale, logits) : nullptr;
-  a.loss = loss.data_ptr<float>();
-  a.lse = lse.data_ptr<float>();
+  at::Tensor scale_holder;
+  a.grad_scale = compute_grad ? scale_ptr(grad_scale, logits, scale_holder) : nullptr;
+  a.loss = loss.data_ptr();
+  a.lse = lse.data_ptr();
   if (compute_grad) {
     a.grad = grad.data_ptr();
     a.ldg = a.C;
@@ -786,8 +797,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce_fwd_inplac
   CeArgs a = base_args(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
                        softcap);
   const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor loss = at::empty({a.R}, f32);
-  at::Tensor lse = at::empty({a.R}, f32);
+  const auto acc = logits.options().dtype(acc_dtype(logits));
+  at::Tensor loss = at::empty({a.R}, acc);
+  at::Tensor lse = at::empty({a.R}, acc);
   at::Tensor pred = decode ? at::empty({a.R}, logits.options().dtype(at::kLong))
                            : at::empty({0}, logits.options().dtype(at::kLong));
   at::Tensor conf = decode ? at::empty({a.R}, f32) : at::empty({0}, f32);
@@ -799,9 +811,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce_fwd_inplac
       conf.zero_();
     }
   }
-  a.grad_scale = scale_ptr(grad_scale, logits);
-  a.loss = loss.data_ptr<float>();
-  a.lse = lse.data_ptr<float>();
+  at::Tensor scale_holder;
+  a.grad_scale = scale_ptr(grad_scale, logits, scale_holder);
+  a.loss = loss.data_ptr();
+  a.lse = lse.data_ptr();
   a.grad = logits.data_ptr();  // each element is read (into shared memory) before it is written
   a.ldg = a.ldx;
   if (decode) {
@@ -827,19 +840,19 @@ at::Tensor softmax_ce_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
   check_same_device(lse, logits, "lse");
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == a.R, "grad_loss: expected shape (",
               a.R, ",), got ", grad_loss.sizes());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == a.R && lse.scalar_type() == at::kFloat,
-              "lse: expected a float32 (", a.R, ",) tensor, got ", lse.scalar_type(), " ",
+  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == a.R && at::isFloatingType(lse.scalar_type()),
+              "lse: expected a floating (", a.R, ",) tensor, got ", lse.scalar_type(), " ",
               lse.sizes());
   at::Tensor grad = at::empty({a.R, a.C}, logits.options());
   if (a.R == 0 || a.C == 0) return grad;
   // grad_loss in the accumulation type (a no-op for fp32 logits with fp32 grad_loss); a stride-0
   // (expanded) grad_loss keeps stride 0.
-  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_dtype(logits);
   at::Tensor gl = grad_loss.scalar_type() == acc ? grad_loss : grad_loss.to(acc);
-  at::Tensor lse_c = lse.contiguous();
+  at::Tensor lse_c = lse.to(acc).contiguous();
   a.row_scale = gl.data_ptr();
   a.rs = gl.stride(0);
-  a.saved_lse = lse_c.data_ptr<float>();
+  a.saved_lse = lse_c.data_ptr();
   a.grad = grad.data_ptr();
   a.ldg = a.C;
   FUSEDLOSS_DISPATCH_FLOAT(logits.scalar_type(), "softmax_ce_bwd", [&] {
