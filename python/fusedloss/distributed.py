@@ -301,14 +301,11 @@ def _local_stats(x2: Tensor, w_local: Tensor | None, eps: float, decode: bool, b
     # (1/C_q) sum_c w_c (lse_q - z_c); without smoothing every row is "ignored" and the op
     # only returns lse (and the decoding).
     tgt = torch.full((rows,), 0 if smooth else -1, dtype=torch.int64, device=x2.device)
-    if cdt == torch.float64:  # the ops return fp32 statistics: keep fp64 in torch
-        loss, lse = ref.softmax_ce_rows(x2, tgt, w_local, -1, 1.0 if smooth else 0.0)
-        pred = torch.argmax(x2, dim=-1) if decode else None
-    else:
-        ops = _backend.get(backend, x2.device).ops
-        loss, lse, _, pred, _ = ops.softmax_ce_fwd(
-            x2, tgt, w_local, None, -1, 1.0 if smooth else 0.0, 0.0, 0.0, False, decode)
-        pred = pred if decode else None
+    # The op returns loss/lse in the accumulation dtype (fp64 for fp64 logits, docs/OPS.md).
+    ops = _backend.get(backend, x2.device).ops
+    loss, lse, _, pred, _ = ops.softmax_ce_fwd(
+        x2, tgt, w_local, None, -1, 1.0 if smooth else 0.0, 0.0, 0.0, False, decode)
+    pred = pred if decode else None
     return lse.to(cdt), (loss.to(cdt) * cls if smooth else None), pred
 
 
