@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   ?= torch==2.14.1
-DEPS    := numpy hypothesis pytest pytest-xdist scikit-learn matplotlib tqdm liger-kernel ruff
+DEPS    := numpy hypothesis pytest pytest-xdist scikit-learn matplotlib tqdm liger-kernel ruff transformers
 STAMP   := $(VENV)/.deps-stamp
 export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 9.0

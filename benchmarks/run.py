@@ -275,7 +275,20 @@ def run_thp_children(args, settings: list[str]) -> tuple[list[dict], list[dict],
     return rows, envs, skipped
 
 
+# Profiles that measure whole training steps rather than one loss op live in their own modules
+# (each exposes main(argv) -> int); run.py hands them the remaining arguments.
+EXTERNAL_PROFILES = {"linear": "bench_linear", "hf": "bench_hf"}
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--profile" in argv[:-1]:
+        i = argv.index("--profile")
+        module = EXTERNAL_PROFILES.get(argv[i + 1])
+        if module is not None:
+            import importlib
+
+            return importlib.import_module(module).main(argv[:i] + argv[i + 2:])
     args = parse_args(argv)
     cur = report.thp_setting()
     if args.thp == "both":
