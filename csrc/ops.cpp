@@ -18,11 +18,13 @@ TORCH_LIBRARY(fusedloss, m) {
       "softmax_ce_fwd_inplace(Tensor(a!) logits, Tensor target, Tensor? weight, "
       "Tensor? grad_scale, int ignore_index, float label_smoothing, float lse_square_scale, "
       "float softcap, bool decode) -> (Tensor loss, Tensor lse, Tensor pred, Tensor confidence)");
-  // Backward for reduction='none': grad_loss is (R,), recomputes softmax from the saved lse.
+  // Backward for reduction='none': grad_loss is (R,). Recomputes the row's max and sum of exps
+  // with the forward's code, so the result is bitwise the forward's fused gradient for equal
+  // scales (no saved lse: exp(z - lse) from a rounded lse loses precision at large logits).
   m.def(
       "softmax_ce_bwd(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
-      "Tensor lse, int ignore_index, float label_smoothing, float lse_square_scale, "
-      "float softcap) -> Tensor");
+      "int ignore_index, float label_smoothing, float lse_square_scale, float softcap) "
+      "-> Tensor");
   // Inference decoding: argmax (lowest index on ties) and its probability.
   m.def("softmax_decode(Tensor logits, float softcap) -> (Tensor pred, Tensor confidence)");
 

@@ -53,7 +53,7 @@ def _ce_expect(x, target, weight, gscale, ii, eps, s, cap):
     tt = target if target.dim() == 1 else target.to(F64)
     loss, lse = ref.softmax_ce_rows(xd, tt, w, ii, eps, s, cap)
     g = torch.full((x.shape[0],), 1.0 if gscale is None else float(gscale), dtype=F64)
-    grad = ref.softmax_ce_grad(xd, tt, w, lse, g, ii, eps, s, cap)
+    grad = ref.softmax_ce_grad(xd, tt, w, g, ii, eps, s, cap)
     pred, conf = ref.softmax_decode(xd, cap) if x.shape[1] > 0 else (None, None)
     return loss, lse, grad, pred, conf
 
@@ -206,21 +206,17 @@ def test_softmax_ce_bwd(dtype, opt):
     x = (torch.randn(R, C, generator=gen) * 3).to(dtype)
     t = _targets(R, C, ii, gen)
     w = (torch.rand(C, generator=gen) + 0.5).to(dtype) if use_w else None
-    _, lse = ref.softmax_ce_rows(x.to(F64), t, None if w is None else w.to(F64), ii, eps, s, cap)
-    lse32 = lse.float()
     for gl in (torch.randn(R, generator=gen).to(dtype), torch.tensor(0.7).expand(R)):  # stride 0
-        grad = ops.softmax_ce_bwd(gl, x, t, w, lse32, ii, eps, s, cap)
-        eg = ref.softmax_ce_grad(x.to(F64), t, None if w is None else w.to(F64), lse32.to(F64),
-                                 gl.to(F64), ii, eps, s, cap)
+        grad = ops.softmax_ce_bwd(gl, x, t, w, ii, eps, s, cap)
+        eg = ref.softmax_ce_grad(x.to(F64), t, None if w is None else w.to(F64), gl.to(F64), ii,
+                                 eps, s, cap)
         assert grad.dtype == dtype and grad.shape == x.shape
         _close(grad, eg, **GRAD_TOL[dtype])
     # probability targets
     y = torch.softmax(torch.randn(R, C, generator=gen), -1).to(dtype)
-    _, lse = ref.softmax_ce_rows(x.to(F64), y.to(F64), None, ii, eps, s, cap)
     gl = torch.randn(R, generator=gen)
-    grad = ops.softmax_ce_bwd(gl, x, y, None, lse.float(), ii, eps, s, cap)
-    eg = ref.softmax_ce_grad(x.to(F64), y.to(F64), None, lse.float().to(F64), gl.to(F64), ii, eps,
-                             s, cap)
+    grad = ops.softmax_ce_bwd(gl, x, y, None, ii, eps, s, cap)
+    eg = ref.softmax_ce_grad(x.to(F64), y.to(F64), None, gl.to(F64), ii, eps, s, cap)
     _close(grad, eg, **GRAD_TOL[dtype])
 
 
@@ -263,7 +259,7 @@ def test_out_of_range_target_raises_index_error(bad):
     with pytest.raises(IndexError, match=f"Target {bad} is out of bounds."):
         ops.softmax_ce_fwd_inplace(x.clone(), t, None, None, -100, 0.0, 0.0, 0.0, False)
     with pytest.raises(IndexError, match=f"Target {bad} is out of bounds."):
-        ops.softmax_ce_bwd(torch.ones(3), x, t, None, torch.zeros(3), -100, 0.0, 0.0, 0.0)
+        ops.softmax_ce_bwd(torch.ones(3), x, t, None, -100, 0.0, 0.0, 0.0)
     # the same value as ignore_index is not an error
     loss = ops.softmax_ce_fwd(x, t, None, None, bad, 0.0, 0.0, 0.0, False, False)[0]
     assert loss[1] == 0
@@ -273,7 +269,7 @@ def test_bad_arguments_name_the_argument():
     x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
     cases = [
         (lambda: ops.softmax_ce_fwd(x, t.int(), None, None, -100, 0.0, 0.0, 0.0, False, False),
-         "target must be int64"),
+         "target .class indices. must be int64"),
         (lambda: ops.softmax_ce_fwd(x, t[:2], None, None, -100, 0.0, 0.0, 0.0, False, False),
          "target must have shape"),
         (lambda: ops.softmax_ce_fwd(x, t, torch.ones(4), None, -100, 0.0, 0.0, 0.0, False, False),
@@ -286,18 +282,23 @@ def test_bad_arguments_name_the_argument():
          "stride"),
         (lambda: ops.softmax_ce_fwd(x.long(), t, None, None, -100, 0.0, 0.0, 0.0, False, False),
          "logits must be float16"),
-        (lambda: ops.softmax_ce_fwd(x, t, None, None, -100, 1.5, 0.0, 0.0, False, False),
-         "label_smoothing"),
         (lambda: ops.sigmoid_bce_fwd(x, x[:2], None, None, None, None, True, True, False, False),
          "target must have the logits' shape"),
-        (lambda: ops.sigmoid_bce_fwd(x, x, None, None, None, None, True, True, False, True),
-         "count=True needs a threshold"),
         (lambda: ops.sigmoid_decode(x, torch.zeros(4), False), "threshold must have shape"),
-        (lambda: ops.softmax_ce_bwd(torch.ones(2), x, t, None, torch.zeros(3), -100, 0.0, 0.0,
-                                    0.0), "grad_loss must have shape"),
+        (lambda: ops.softmax_ce_bwd(torch.ones(2), x, t, None, -100, 0.0, 0.0, 0.0),
+         "grad_loss must have shape"),
     ]
     for fn, msg in cases:
         with pytest.raises(RuntimeError, match=msg):
+            fn()
+    value_cases = [
+        (lambda: ops.softmax_ce_fwd(x, t, None, None, -100, 1.5, 0.0, 0.0, False, False),
+         "label_smoothing"),
+        (lambda: ops.sigmoid_bce_fwd(x, x, None, None, None, None, True, True, False, True),
+         "count=True needs a threshold"),
+    ]
+    for fn, msg in value_cases:
+        with pytest.raises(ValueError, match=msg):
             fn()
 
 
@@ -330,6 +331,12 @@ def _bce_target(kind, R, C, dtype, gen):
     raise ValueError(kind)
 
 
+# Elementwise BCE loss against fp64. fp32: the exp and log1p of the kernels are good to a few
+# ulp (rtol), and no absolute slack is needed because the loss is formed without cancellation;
+# the form (1-y) x + softplus(-x) had 2.4e-7..4.8e-7 absolute error at x in [-18, -6], y = 0.
+BCE_ELEM_TOL = {**GRAD_TOL, torch.float32: dict(atol=1e-9, rtol=5e-6),
+                F64: dict(atol=1e-15, rtol=1e-12)}
+
 # Shapes: C=1, C=37 (vector tail), 2053 (a block and a tail), R=0.
 BCE_SHAPES = [(9, 1), (11, 37), (3, 2053), (0, 5)]
 
@@ -346,6 +353,9 @@ def test_sigmoid_bce_fwd(dtype, shape, tkind, wkind, pkind):
     if R > 0 and C > 2:
         x[0, 0], x[0, 1], x[0, 2] = 1e4, -1e4, 0.0  # extreme logits; the 0 sits on threshold 0
     y = _bce_target(tkind, R, C, dtype, gen)
+    if R > 1 and C > 8:  # loss ~ e^x for x << 0, y = 0: where a cancelling form loses digits
+        x[1, 3:8] = torch.tensor([-6.0, -9.0, -12.0, -15.0, -18.0]).to(dtype)
+        y[1, 3:8] = 0
     w = _bce_operand(wkind, R, C, dtype, gen)
     pw = _bce_operand(pkind, R, C, dtype, gen)
     thr = torch.randn(C, generator=gen)
@@ -370,7 +380,7 @@ def test_sigmoid_bce_fwd(dtype, shape, tkind, wkind, pkind):
     loss_e, grad2, labels2, probs2, counts2 = ops.sigmoid_bce_fwd(x, y, w, pw, None, None, False,
                                                                   False, False, False)
     assert loss_e.dtype == dtype and loss_e.shape == (R, C)
-    _close(loss_e, el, **GRAD_TOL[dtype])
+    _close(loss_e, el, **BCE_ELEM_TOL[dtype])
     assert grad2.numel() == labels2.numel() == probs2.numel() == counts2.numel() == 0
 
 
@@ -448,12 +458,11 @@ def _opcheck_samples():
     yb = torch.rand(4, 37, generator=gen) < 0.5
     thr = torch.zeros(37)
     gs = torch.tensor(0.5)
-    lse = torch.logsumexp(x, -1)
     return [
         (ops.softmax_ce_fwd, (x, t, w, gs, -100, 0.1, 1e-3, 0.0, True, True)),
         (ops.softmax_ce_fwd, (x, y, None, None, -100, 0.0, 0.0, 3.0, False, False)),
         (ops.softmax_ce_fwd_inplace, (x.clone(), t, None, gs, -100, 0.0, 0.0, 0.0, True)),
-        (ops.softmax_ce_bwd, (torch.rand(4), x, t, w, lse, -100, 0.1, 0.0, 0.0)),
+        (ops.softmax_ce_bwd, (torch.rand(4), x, t, w, -100, 0.1, 0.0, 0.0)),
         (ops.softmax_decode, (x, 0.0)),
         (ops.sigmoid_bce_fwd, (x, yb, w.expand(4, 37), None, gs, thr, True, True, True, True)),
         (ops.sigmoid_bce_fwd, (x, yb.float(), None, w.expand(4, 37), None, None, False, False,

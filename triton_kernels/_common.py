@@ -15,11 +15,14 @@ blocks make multi-block rows cheap to test (a 300-class row spans three 128-wide
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .._dtypes import acc_dtype as acc_torch  # noqa: F401  (re-exported for the kernel modules)
 
 
 def interpreting() -> bool:
@@ -94,8 +97,8 @@ def scale_config() -> tuple[int, int]:
 
 
 def acc_dtype(dtype: torch.dtype):
-    """Accumulation type: fp64 for fp64 inputs, fp32 otherwise (docs/OPS.md)."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """Accumulation type as a Triton type (the rule: fusedloss._dtypes.acc_dtype)."""
+    return TL_TYPES[acc_torch(dtype)]
 
 
 @triton.jit
@@ -111,8 +114,12 @@ def tanh(a):
 
 @triton.jit
 def log1p_small(e):
-    """log(1 + e) for e in [0, 1]: the series e - e^2/2 + e^3/3 where 1 + e rounds to 1."""
-    return tl.where(e < 1e-4, e * (1.0 - e * (0.5 - e / 3.0)), tl.log(1.0 + e))
+    """log(1 + e) for e in [0, 1] from one log, within a few ulp: Goldberg's
+    log(u) * e / (u - 1) with u = 1 + e (the rounding of u cancels in the ratio); u == 1 means
+    e < ulp(1) / 2, where log1p(e) = e. (log(1 + e) alone has a relative error of ulp(1) / e.)"""
+    u = 1.0 + e
+    d = u - 1.0
+    return tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d)))
 
 
 def split_f64(value: float) -> tuple[float, float]:
@@ -121,6 +128,14 @@ def split_f64(value: float) -> tuple[float, float]:
     ~2^-48 relative instead of fp32's 2^-24 (e.g. label_smoothing=0.1), fp32 kernels see hi."""
     hi = float(torch.tensor(value, dtype=torch.float32))
     return hi, float(torch.tensor(value - hi, dtype=torch.float32))
+
+
+def on_device(t: torch.Tensor):
+    """Context in which a launch goes to `t`'s GPU: Triton launches on torch's current CUDA
+    device, which need not be the tensor's (tensors on cuda:1 with cuda:0 current)."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 _DUMMIES: dict = {}
@@ -141,11 +156,10 @@ def dummy(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
 # Triton type names of the torch dtypes the kernels take (for ahead-of-time signatures).
 TL_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32",
             torch.float64: "fp64", torch.int64: "i64", torch.uint8: "u8"}
+TL_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 LOGITS_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def acc_torch(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def signature(fn, pointer_types: dict, scalar_types: dict, constexprs: dict) -> dict:

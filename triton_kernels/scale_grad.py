@@ -17,6 +17,7 @@ from ._common import (
     SCALE_WARPS,
     acc_dtype,
     acc_torch,
+    on_device,
     scale_config,
     signature,
 )
@@ -43,13 +44,15 @@ def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     # device op, not a sync.
     s = scale.to(acc_torch(grad.dtype))
     block, warps = scale_config()
-    _scale_grad_kernel[(triton.cdiv(n, block),)](grad, s, n, ACC=acc_dtype(grad.dtype),
-                                                 BLOCK=block, num_warps=warps)
+    with on_device(grad):
+        _scale_grad_kernel[(triton.cdiv(n, block),)](grad, s, n, ACC=acc_dtype(grad.dtype),
+                                                     BLOCK=block, num_warps=warps)
 
 
 def specialisations():
     """Every (kernel, signature, constexprs, num_warps) the launcher can launch on a GPU."""
     for dtype in LOGITS_DTYPES:
-        ce = dict(ACC=acc_dtype(dtype), BLOCK=SCALE_BLOCK)
-        sig = signature(_scale_grad_kernel, dict(g_ptr=dtype, s_ptr=acc_torch(dtype)), {}, ce)
-        yield _scale_grad_kernel, sig, ce, SCALE_WARPS
+        switches = dict(ACC=acc_dtype(dtype), BLOCK=SCALE_BLOCK)
+        sig = signature(_scale_grad_kernel, dict(g_ptr=dtype, s_ptr=acc_torch(dtype)), {},
+                        switches)
+        yield _scale_grad_kernel, sig, switches, SCALE_WARPS

@@ -5,6 +5,10 @@ confusion counts), backward, decoding. Semantics: docs/OPS.md `sigmoid_bce_fwd`,
 Math, elementwise with x the logit, y the target, p = pos_weight (1 if absent), w = weight:
     loss = w ((1 - y) x + (1 + (p - 1) y) softplus(-x)),
     softplus(-x) = max(-x, 0) + log1p(exp(-|x|))            (no overflow for |x| up to 1e4)
+computed cancellation-free as
+    loss = w ((1 - y) max(x, 0) - p y min(x, 0) + (1 + (p - 1) y) log1p(exp(-|x|)))
+(for x << 0, y = 0 the first form computes x + (-x + log1p(e^x)), losing about half an ulp of
+|x| on a loss of about e^x), and
     d loss / dx = w ((p y + 1 - y) sigmoid(x) - p y)
 because d softplus(-x)/dx = -(1 - sigmoid(x)), so
     d/dx = w ((1 - y) - (1 + (p - 1) y)(1 - sigmoid(x))) = w ((p y + 1 - y) sigmoid(x) - p y).
@@ -17,9 +21,12 @@ Row sums (reduce_rows) are written per column tile as (tiles, R) partials (fp64 
 logits) that the launcher sums in a fixed order: deterministic, no float atomics. Confusion
 counts are added with one integer atomic per class per program (deterministic).
 
-Targets: the logits' float dtype, or bool / uint8 read as bytes (a bool tensor is viewed as
-uint8: no conversion copy). weight, pos_weight and the backward's grad_loss are read through
-their own (row, column) strides, so broadcast (stride-0) views cost no copy.
+Targets: the logits' float dtype or the accumulation dtype (autocast: fp32 targets with bf16
+logits; the elementwise loss is then stored in the accumulation dtype, promote(logits, target)),
+or bool / uint8 read as bytes (a bool tensor is viewed as uint8: no conversion copy). weight,
+pos_weight and the backward's grad_loss are read through their own (row, column) strides, so
+broadcast (stride-0) views cost no copy; weight and pos_weight are read in the accumulation
+dtype (another float dtype is converted by the launcher on its compact, un-broadcast part).
 
 Compile-time switches (one compiled specialisation each, all compiled by
 scripts/triton_aot_check.py): TARGET (0 none / 1 float / 2 bytes: pointer types), LOSS (0 none
@@ -45,6 +52,7 @@ from ._common import (
     dummy,
     interpreting,
     log1p_small,
+    on_device,
     signature,
 )
 
@@ -70,12 +78,12 @@ def _offsets(r2, c2, s_r, s_c, COLS_CONTIG: tl.constexpr):
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _sigmoid_bce_kernel(
-    x_ptr, sx_r,                 # logits (R, C), columns contiguous
+    x_ptr, sx_r,                 # logits (R, C), columns contiguous (the launcher ensures it)
     y_ptr, sy_r, sy_c,           # target (TARGET != 0)
     w_ptr, sw_r, sw_c,           # weight (has_w)
     pw_ptr, sp_r, sp_c,          # pos_weight (has_pw)
     g_ptr, sg_r, sg_c,           # has_scale 1: 0-dim grad scale; 2: grad_loss (R, C) (backward)
-    thr_ptr,                     # (C,) fp32 logit-space thresholds (labels / count)
+    thr_ptr,                     # (C,) logit-space thresholds, ACC dtype (labels / count)
     loss_ptr,                    # LOSS 1: (R, C) contiguous; LOSS 2: (column tiles, R) partials
     grad_ptr,                    # (R, C) contiguous (GRAD)
     labels_ptr, probs_ptr,       # (R, C) uint8 / logits dtype, contiguous
@@ -122,8 +130,8 @@ def _sigmoid_bce_kernel(
                 py = y * tl.load(pw_ptr + _offsets(r2, c2, sp_r, sp_c, COLS_CONTIG), mask=mask,
                                  other=0.0).to(ACC)
             if LOSS != 0:
-                softplus_neg = tl.maximum(-x, 0.0) + log1p_small(e)
-                loss = w * ((1.0 - y) * x + (1.0 + py - y) * softplus_neg)
+                loss = w * ((1.0 - y) * tl.maximum(x, 0.0) - py * tl.minimum(x, 0.0)
+                            + (1.0 + py - y) * log1p_small(e))
                 if LOSS == 1:
                     tl.store(loss_ptr + out, loss.to(loss_ptr.dtype.element_ty), mask=mask)
                 else:
@@ -165,15 +173,24 @@ def _empty(like: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(0, dtype=dtype or like.dtype, device=like.device)
 
 
-def _as_kernel_target(target, logits):
-    """bool -> uint8 view (free); the logits' float dtype and uint8 pass through."""
+def _as_kernel_target(target):
+    """bool -> uint8 view (free); float targets (the logits' or the accumulation dtype) and
+    uint8 pass through."""
     if target.dtype == torch.bool:
         return target.view(torch.uint8), 2
     if target.dtype == torch.uint8:
         return target, 2
-    if target.dtype != logits.dtype:  # outside the contract; correct but costs a copy
-        target = target.to(logits.dtype)
     return target, 1
+
+
+def _to_acc(t, logits):
+    """weight / pos_weight in the accumulation dtype, keeping broadcast (stride-0) dimensions:
+    only the compact part of an expanded view is converted."""
+    acc = acc_torch(logits.dtype)
+    if t is None or t.dtype == acc:
+        return t
+    compact = t[tuple(slice(0, 1) if st == 0 else slice(None) for st in t.stride())]
+    return compact.to(acc).expand(t.shape)
 
 
 def _constexprs(dtype, target_kind, loss_mode, grad, cols_contig, block_r, block_c):
@@ -183,12 +200,14 @@ def _constexprs(dtype, target_kind, loss_mode, grad, cols_contig, block_r, block
                 BLOCK_C=block_c)
 
 
-def _pointer_types(dtype, target_kind, loss_mode, scale_dtype):
+def _pointer_types(dtype, target_kind, loss_mode, scale_dtype, target_dtype=None):
     acc = acc_torch(dtype)
-    return dict(x_ptr=dtype, y_ptr=dtype if target_kind == 1 else torch.uint8, w_ptr=dtype,
-                pw_ptr=dtype, g_ptr=scale_dtype, thr_ptr=torch.float32,
-                loss_ptr=dtype if loss_mode == 1 else acc, grad_ptr=dtype,
-                labels_ptr=torch.uint8, probs_ptr=dtype, counts_ptr=torch.int64)
+    y_type = (target_dtype or dtype) if target_kind == 1 else torch.uint8
+    # elementwise loss: promote(logits, target) = the target's dtype for a float target
+    loss_type = (y_type if target_kind == 1 else dtype) if loss_mode == 1 else acc
+    return dict(x_ptr=dtype, y_ptr=y_type, w_ptr=acc, pw_ptr=acc, g_ptr=scale_dtype,
+                thr_ptr=acc, loss_ptr=loss_type, grad_ptr=dtype, labels_ptr=torch.uint8,
+                probs_ptr=dtype, counts_ptr=torch.int64)
 
 
 def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, labels, probs,
@@ -196,6 +215,8 @@ def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, la
     rows, classes = logits.shape
     if rows == 0 or classes == 0:
         return None
+    if classes > 1 and logits.stride(1) != 1:  # the kernel reads logits rows as contiguous
+        logits = logits.contiguous()
     block_r, block_c, warps = bce_config()
     if tile is not None:
         block_r, block_c = tile
@@ -205,9 +226,11 @@ def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, la
         loss = torch.empty((grid[1], rows), dtype=acc_torch(logits.dtype), device=logits.device)
     kind = 0
     if target is not None:
-        target, kind = _as_kernel_target(target, logits)
+        target, kind = _as_kernel_target(target)
     scale_dtype = scale.dtype if scale is not None else acc_torch(logits.dtype)
-    dev, types = logits.device, _pointer_types(logits.dtype, kind, loss_mode, scale_dtype)
+    dev = logits.device
+    types = _pointer_types(logits.dtype, kind, loss_mode, scale_dtype,
+                           target.dtype if kind == 1 else None)
     elementwise_scale = scale is not None and scale.dim() == 2
     operands = [t for t in (target, weight, pos_weight) if t is not None]
     cols_contig = all(t.stride(1) == 1 for t in operands + ([scale] if elementwise_scale else []))
@@ -246,45 +269,46 @@ def specialisations():
     block_r, block_c = BCE_TILE
     for dtype in LOGITS_DTYPES:
         acc = acc_torch(dtype)
-        modes = [(kind, loss, grad, acc) for kind in (1, 2) for loss in (1, 2)
+        both = sorted({dtype, acc}, key=str)  # float targets / grad_loss: logits' or acc dtype
+        targets = [(1, y) for y in both] + [(2, None)]
+        modes = [(kind, y, loss, grad, acc) for kind, y in targets for loss in (1, 2)
                  for grad in (False, True)]                                   # forward
-        modes += [(kind, 0, True, g) for kind in (1, 2)
-                  for g in sorted({dtype, acc}, key=str)]                     # backward
-        modes.append((0, 0, False, acc))                                      # decode
-        for kind, loss, grad, scale_dtype in modes:
+        modes += [(kind, y, 0, True, g) for kind, y in targets for g in both]  # backward
+        modes.append((0, None, 0, False, acc))                                # decode
+        for kind, y, loss, grad, scale_dtype in modes:
             for contiguous in (False, True):
-                ce = _constexprs(dtype, kind, loss, grad, contiguous, block_r, block_c)
-                types = _pointer_types(dtype, kind, loss, scale_dtype)
-                yield _sigmoid_bce_kernel, signature(_sigmoid_bce_kernel, types, {}, ce), ce, \
-                    BCE_WARPS
+                switches = _constexprs(dtype, kind, loss, grad, contiguous, block_r, block_c)
+                types = _pointer_types(dtype, kind, loss, scale_dtype, y)
+                yield (_sigmoid_bce_kernel,
+                       signature(_sigmoid_bce_kernel, types, {}, switches), switches, BCE_WARPS)
+
+
+def _thresholds(threshold, logits):
+    """(C,) thresholds of any float dtype and stride -> contiguous, accumulation dtype."""
+    return None if threshold is None else threshold.to(acc_torch(logits.dtype)).contiguous()
 
 
 def _like(logits, dtype=None):
     return torch.empty(logits.shape, dtype=dtype or logits.dtype, device=logits.device)
 
 
-def _same_dtype(t, logits):
-    return t if t is None or t.dtype == logits.dtype else t.to(logits.dtype)
-
-
 def sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold, reduce_rows,
                     compute_grad, return_probs, count, *, tile=None):
     rows, classes = logits.shape
-    if count and threshold is None:
-        raise ValueError("sigmoid_bce_fwd: count=True requires a threshold (got threshold=None)")
-    weight, pos_weight = _same_dtype(weight, logits), _same_dtype(pos_weight, logits)
-    thr = None if threshold is None else threshold.to(torch.float32).contiguous()
+    weight, pos_weight = _to_acc(weight, logits), _to_acc(pos_weight, logits)
+    thr = _thresholds(threshold, logits)
     if reduce_rows:  # replaced by the kernel's row sums unless the batch is empty
         loss = torch.zeros(rows, dtype=acc_torch(logits.dtype), device=logits.device)
-    else:
-        loss = _like(logits)
+    else:  # promote(logits, target): the target's dtype for a float target
+        loss = _like(logits, target.dtype if target.is_floating_point() else None)
     grad = _like(logits) if compute_grad else None
     labels = _like(logits, torch.bool) if thr is not None else None
     probs = _like(logits) if return_probs else None
     counts = torch.zeros((3, classes), dtype=torch.int64, device=logits.device) if count else None
     scale = None if grad_scale is None else grad_scale.to(acc_torch(logits.dtype))
-    partial = _launch(logits, target, weight, pos_weight, scale, thr, loss, grad, labels,
-                      probs, counts, loss_mode=2 if reduce_rows else 1, tile=tile)
+    with on_device(logits):
+        partial = _launch(logits, target, weight, pos_weight, scale, thr, loss, grad, labels,
+                          probs, counts, loss_mode=2 if reduce_rows else 1, tile=tile)
     if partial is not None:
         loss = partial.sum(0) if partial.shape[0] > 1 else partial[0]
     return (loss,
@@ -295,23 +319,23 @@ def sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold, r
 
 
 def sigmoid_bce_bwd(grad_loss, logits, target, weight, pos_weight, *, tile=None):
-    weight, pos_weight = _same_dtype(weight, logits), _same_dtype(pos_weight, logits)
+    weight, pos_weight = _to_acc(weight, logits), _to_acc(pos_weight, logits)
     # grad_loss is read with its own strides; a dtype other than the logits' or the
-    # accumulation dtype is converted to the latter (autograd passes the loss's dtype, which
-    # is the logits').
-    if grad_loss.dtype not in (logits.dtype, acc_torch(logits.dtype)):
-        grad_loss = grad_loss.to(acc_torch(logits.dtype))
-    grad_loss = grad_loss.expand(logits.shape)
+    # accumulation dtype is converted to the latter (autograd passes the loss's dtype).
+    if grad_loss.dtype != logits.dtype:
+        grad_loss = _to_acc(grad_loss, logits)
     grad = _like(logits)
-    _launch(logits, target, weight, pos_weight, grad_loss, None, None, grad, None, None, None,
-            loss_mode=0, tile=tile)
+    with on_device(logits):
+        _launch(logits, target, weight, pos_weight, grad_loss, None, None, grad, None, None,
+                None, loss_mode=0, tile=tile)
     return grad
 
 
 def sigmoid_decode(logits, threshold, return_probs, *, tile=None):
-    thr = threshold.to(torch.float32).contiguous()
+    thr = _thresholds(threshold, logits)
     labels = _like(logits, torch.bool)
     probs = _like(logits) if return_probs else None
-    _launch(logits, None, None, None, None, thr, None, None, labels, probs, None, loss_mode=0,
-            tile=tile)
+    with on_device(logits):
+        _launch(logits, None, None, None, None, thr, None, None, labels, probs, None,
+                loss_mode=0, tile=tile)
     return labels, probs if probs is not None else _empty(logits)

@@ -9,21 +9,24 @@ Layout: one program per row, looping over the row in blocks of BLOCK columns, so
 reads the row again and writes the gradient. Accumulation is fp32 (fp64 for fp64 logits); the
 row offset is computed in int64 (program id cast before multiplying by the stride).
 
-Math, per row with z = cap * tanh(x / cap) when soft-capping else z = x:
-    lse = m + log(s),  m = max_c z,  s = sum_c exp(z_c - m),  p_c = exp(z_c - lse)
+Math, per row with z = cap * tanh(x / cap) when soft-capping else z = x, and
+q = lse_square_scale (the z-loss coefficient):
+    lse = m + log(s),  m = max_c z,  s = sum_c exp(z_c - m),  p_c = exp(z_c - m) * (1 / s)
+(p is never exp(z_c - lse): lse rounded to fp32 is only good to ~1e-3 absolute at |z| ~ 1e4).
 Loss sums are kept relative to the running reference r (the max so far), which avoids the
 cancellation of W * lse - sum_c w_c z_c for large logits:
     A = sum_c v_c (z_c - r),  V = sum_c v_c   =>  sum_c v_c (lse - z_c) = V log(s) - A
 (when r moves to r', A -= (r' - r) V), with v_c = w_c for the smoothing term of class-index
 targets and v_c = w_c y'_c (y' = (1-eps) y + eps/C) for probability targets. So
-    index:  loss = (1-eps) w_t (lse - z_t) + (eps/C) (W log s - A) + zs lse^2
-    probs:  loss = S log s - A + zs lse^2,  S = sum_c w_c y'_c
-and the gradient of the loss w.r.t. z (d lse / d z_c = p_c; d zs lse^2 = 2 zs lse p_c):
-    index:  dz_c = p_c ((1-eps) w_t + (eps/C) W + 2 zs lse) - (1-eps) w_t [c == t] - (eps/C) w_c
-    probs:  dz_c = p_c (S + 2 zs lse) - w_c y'_c
+    index:  loss = (1-eps) w_t (lse - z_t) + (eps/C) (W log s - A) + q lse^2
+    probs:  loss = S log s - A + q lse^2,  S = sum_c w_c y'_c
+and the gradient of the loss w.r.t. z (d lse / d z_c = p_c; d q lse^2 = 2 q lse p_c):
+    index:  dz_c = p_c ((1-eps) w_t + (eps/C) W + 2 q lse) - (1-eps) w_t [c == t] - (eps/C) w_c
+    probs:  dz_c = p_c (S + 2 q lse) - w_c y'_c
     softcap: dx_c = dz_c * dz/dx = dz_c (1 - (z_c / cap)^2)
 times g (grad_scale, or the per-row incoming gradient in backward). Ignored rows: loss 0,
-gradient exactly 0 (a `where`, not a product, so an infinite g cannot make NaN).
+gradient exactly 0 (a `where`, not a product, so an infinite g cannot make NaN). A row holding
++inf (softcap off) has a NaN loss, gradient and confidence, as torch's log_softmax gives.
 
 Traffic: forward + gradient reads the logits twice and writes the gradient once (3x the logits'
 bytes; the floor is 2x). The second read is an L2 hit while the rows in flight fit in L2
@@ -31,7 +34,9 @@ bytes; the floor is 2x). The second read is an L2 hit while the rows in flight f
 32k bf16 classes); for LLM vocabularies it comes from HBM. Keeping a whole 256k-class row on
 chip needs a row split across a thread-block cluster (not done; see the launch table in
 _common.py).
-Forward without gradient and decoding read the logits once.
+Forward without gradient and decoding read the logits once. The backward (reduction='none')
+is the forward kernel with the gradient on and a per-row scale: pass 1 is recomputed by the same
+code, so its gradient is bitwise the forward's fused one for equal scales.
 
 Out-of-range class index t (not ignore_index, outside [0, C)): the kernel never dereferences
 it; it writes loss = NaN and a NaN gradient row, because raising would need a host sync.
@@ -40,11 +45,12 @@ tensors are on the CPU (interpreter), where checking costs no device sync.
 
 Compile-time switches (each value is one compiled specialisation; all are compiled ahead of
 time by scripts/triton_aot_check.py): TARGET (0 none / 1 class index / 2 probabilities: they
-are different pointer types), HAS_WEIGHT and SOFTCAP (change per-element work), FORWARD
-(compute lse and loss; off in backward, which reads the saved lse), GRAD (write the gradient),
-ACC (fp32 / fp64). Scalars that only change per-row arithmetic or a uniform branch are
-runtime arguments and do not multiply the specialisations: label smoothing, z-loss, decoding
-and the grad-scale pointer.
+are different pointer types; probabilities in the logits' or the accumulation dtype),
+HAS_WEIGHT and SOFTCAP (change per-element work), GRAD (write the gradient), ACC (fp32 / fp64).
+Scalars that only change per-row arithmetic or a uniform branch are runtime arguments and do
+not multiply the specialisations: label smoothing, z-loss, decoding and the grad-scale pointer.
+The class weight is passed contiguous in the accumulation dtype (C values, converted by the
+launcher), so any weight dtype or stride (an expanded or sliced view) is read correctly.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from ._common import (
     acc_dtype,
     acc_torch,
     dummy,
+    on_device,
     signature,
     softmax_config,
     softmax_configs,
@@ -82,39 +89,43 @@ def _capped(x, cap, SOFTCAP: tl.constexpr):
     return x
 
 
+@triton.jit
+def _row_target(t_ptr, t_stride, row, C, ignore_index, TARGET: tl.constexpr):
+    """(t, ignored, bad) of a class-index row; t is a safe index (0) when ignored or bad."""
+    t = 0
+    ignored = False
+    bad = False
+    if TARGET == 1:
+        t = tl.load(t_ptr + row * t_stride)
+        ignored = t == ignore_index
+        bad = (t != ignore_index) & ((t < 0) | (t >= C))
+        t = tl.where(ignored | bad, 0, t)  # never dereference an invalid target
+    return t, ignored, bad
+
+
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _softmax_ce_kernel(
     x_ptr, x_stride,            # logits (R, C), row stride (columns contiguous)
-    t_ptr, t_stride,            # target: (R,) int64 or (R, C) probabilities with row stride
-    w_ptr,                      # class weight (C,) (any pointer when HAS_WEIGHT is off)
+    t_ptr, t_stride,            # target: (R,) int64 or (R, C) probabilities; its row stride
+    w_ptr,                      # class weight (C,) contiguous, ACC dtype (HAS_WEIGHT)
     scale_ptr, scale_stride,    # grad scale: 0-dim (stride 0) or per row (backward), ACC dtype
-    lse_ptr,                    # (R,) ACC dtype: written when FORWARD, read otherwise
-    loss_ptr,                   # (R,) ACC dtype (FORWARD)
+    lse_ptr, loss_ptr,          # (R,) ACC dtype
     grad_ptr, grad_stride,      # (R, C) gradient, may alias x_ptr (in-place) (GRAD)
     pred_ptr, conf_ptr,         # (R,) int64 / fp32 (decode)
     C, ignore_index,
-    eps_hi, eps_lo, zs_hi, zs_lo, cap_hi, cap_lo,  # fp64 scalars as fp32 pairs (see split_f64)
+    eps_hi, eps_lo, lsq_hi, lsq_lo, cap_hi, cap_lo,  # fp64 scalars as fp32 pairs (split_f64)
     smooth, need_v, decode, has_scale,  # runtime 0/1 switches
     TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    FORWARD: tl.constexpr, GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * x_stride
     offs = tl.arange(0, BLOCK)
     inv_c = 1.0 / (tl.zeros([], ACC) + C)
     eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
-    zs = (tl.zeros([], ACC) + zs_hi) + zs_lo
+    lse_square_scale = (tl.zeros([], ACC) + lsq_hi) + lsq_lo
     cap = (tl.zeros([], ACC) + cap_hi) + cap_lo
-
-    # Class-index target: its logit and weight are read directly (no pass over the row).
-    ignored = False
-    bad = False
-    t = 0
-    if TARGET == 1:
-        t = tl.load(t_ptr + row)
-        ignored = t == ignore_index
-        bad = (t != ignore_index) & ((t < 0) | (t >= C))
-        t = tl.where(ignored | bad, 0, t)  # safe index: never dereference an invalid target
+    t, ignored, bad = _row_target(t_ptr, t_stride, row, C, ignore_index, TARGET)
 
     # ---- pass 1: online max / sum-of-exp, loss sums, argmax -------------------------------
     m = tl.full([], -_INF, ACC)           # running max of the non-NaN z
@@ -124,30 +135,27 @@ def _softmax_ce_kernel(
     best = tl.full([], -_INF, ACC)
     best_idx = tl.zeros([], tl.int32)
     nan_idx = tl.full([], _BIG, tl.int32)
-    # need_v: the V/A sums are needed (probability targets, or smoothing). Backward (not
-    # FORWARD) only needs V, so it skips the pass entirely without them.
-    n_pass1 = C if FORWARD else C * need_v
-    for start in range(0, n_pass1, BLOCK):
+    for start in range(0, C, BLOCK):
         cols = start + offs
         mask = cols < C
-        if FORWARD:
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
-            z = tl.where(mask, _capped(x, cap, SOFTCAP), -_INF)
-            is_nan = z != z
-            z_num = tl.where(is_nan, -_INF, z)
-            b_max = tl.max(z_num, axis=0)
-            if decode != 0:
-                nan_idx = tl.minimum(nan_idx, tl.min(tl.where(is_nan, cols, _BIG), axis=0))
-                b_idx = tl.min(tl.where(z_num == b_max, cols, _BIG), axis=0)
-                take = b_max > best  # strict: an earlier block wins a tie
-                best_idx = tl.where(take, b_idx, best_idx)
-                best = tl.where(take, b_max, best)
-            m_new = tl.maximum(m, b_max)
-            r_old = tl.where(tl.abs(m) < _INF, m, 0.0)
-            r_new = tl.where(tl.abs(m_new) < _INF, m_new, 0.0)
-            alpha = tl.exp(tl.where(m == -_INF, -_INF, r_old - r_new))  # 0 before any finite z
-            s = s * alpha + tl.sum(tl.exp(z - r_new), axis=0)
-            m = m_new
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+        z = tl.where(mask, _capped(x, cap, SOFTCAP), -_INF)
+        is_nan = z != z
+        z_num = tl.where(is_nan, -_INF, z)
+        b_max = tl.max(z_num, axis=0)
+        if decode != 0:
+            nan_idx = tl.minimum(nan_idx, tl.min(tl.where(is_nan, cols, _BIG), axis=0))
+            b_idx = tl.min(tl.where(z_num == b_max, cols, _BIG), axis=0)
+            take = b_max > best  # strict: an earlier block wins a tie
+            best_idx = tl.where(take, b_idx, best_idx)
+            best = tl.where(take, b_max, best)
+        m_new = tl.maximum(m, b_max)
+        r_old = tl.where(tl.abs(m) < _INF, m, 0.0)
+        r_new = tl.where(tl.abs(m_new) < _INF, m_new, 0.0)
+        alpha = tl.exp(tl.where(m == -_INF, -_INF, r_old - r_new))  # 0 before any finite z
+        s = s * alpha + tl.sum(tl.exp(z - r_new), axis=0)
+        m = m_new
+        # need_v: the V/A sums are needed (probability targets, or smoothing)
         if need_v != 0:
             if HAS_WEIGHT:
                 v = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
@@ -156,66 +164,61 @@ def _softmax_ce_kernel(
             if TARGET == 2:
                 y = tl.load(t_ptr + row * t_stride + cols, mask=mask, other=0.0).to(ACC)
                 v = tl.where(mask, v * (y * (1.0 - eps) + eps * inv_c), 0.0)
-            if FORWARD:
-                a = a - (r_new - r_old) * v_sum + tl.sum(v * tl.where(mask, z - r_new, 0.0), axis=0)
+            a = a - (r_new - r_old) * v_sum + tl.sum(v * tl.where(mask, z - r_new, 0.0), axis=0)
             v_sum += tl.sum(v, axis=0)
 
     w_t = 1.0
     if TARGET == 1:
         if HAS_WEIGHT:
             w_t = tl.load(w_ptr + t).to(ACC)
-    if FORWARD:
-        r = tl.where(tl.abs(m) < _INF, m, 0.0)
-        log_s = tl.log(s)
-        lse = r + log_s
-        tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
-        if TARGET == 1:
-            z_t = _capped(tl.load(x_row + t).to(ACC), cap, SOFTCAP)
-            loss = (1.0 - eps) * w_t * ((r - z_t) + log_s)  # = lse - z_t, without rounding lse
-            if smooth != 0:
-                loss += eps * inv_c * (v_sum * log_s - a)
-        else:
-            loss = v_sum * log_s - a
-        if zs != 0.0:
-            loss += zs * lse * lse
-        if TARGET == 1:
-            loss = tl.where(ignored, 0.0, tl.where(bad, _NAN, loss))
-        if TARGET != 0:
-            tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
-        if decode != 0:
-            pred = tl.where(nan_idx < _BIG, nan_idx, best_idx)
-            tl.store(pred_ptr + row, pred.to(tl.int64))
-            tl.store(conf_ptr + row, tl.exp(best - lse).to(tl.float32))
-        # p_c = exp(z_c - r) / s: z - r is exact near the max, where exp(z - lse) would carry
-        # lse's rounding (an ulp of |lse| ~ 1e-3 at |logits| ~ 1e4 in fp32).
-        p_shift = r
-        p_mul = 1.0 / s
+    pos_inf = m == _INF  # a +inf logit: loss, gradient and confidence NaN (torch's log_softmax)
+    r = tl.where(tl.abs(m) < _INF, m, 0.0)
+    log_s = tl.log(s)
+    lse = r + log_s
+    tl.store(lse_ptr + row, lse.to(lse_ptr.dtype.element_ty))
+    if TARGET == 1:
+        z_t = _capped(tl.load(x_row + t).to(ACC), cap, SOFTCAP)
+        loss = (1.0 - eps) * w_t * ((r - z_t) + log_s)  # = lse - z_t, without rounding lse
+        if smooth != 0:
+            loss += eps * inv_c * (v_sum * log_s - a)
     else:
-        lse = tl.load(lse_ptr + row).to(ACC)
-        p_shift = lse
-        p_mul = tl.full([], 1.0, ACC)
+        loss = v_sum * log_s - a
+    if lse_square_scale != 0.0:
+        loss += lse_square_scale * lse * lse
+    loss = tl.where(pos_inf, _NAN, loss)
+    if TARGET == 1:
+        loss = tl.where(ignored, 0.0, tl.where(bad, _NAN, loss))
+    if TARGET != 0:
+        tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+    if decode != 0:
+        pred = tl.where(nan_idx < _BIG, nan_idx, best_idx)
+        tl.store(pred_ptr + row, pred.to(tl.int64))
+        tl.store(conf_ptr + row, tl.where(pos_inf, _NAN, tl.exp(best - r) / s).to(tl.float32))
 
     # ---- pass 2: gradient -----------------------------------------------------------------
+    # p_c = exp(z_c - r) * (1 / s): z - r is exact near the max, where exp(z - lse) would carry
+    # lse's rounding (an ulp of |lse| ~ 1e-3 at |logits| ~ 1e4 in fp32).
     if GRAD:
         g = tl.full([], 1.0, ACC)
         if has_scale != 0:
             g = tl.load(scale_ptr + row * scale_stride).to(ACC)
         if TARGET == 1:
-            coef = (1.0 - eps) * w_t + 2.0 * zs * lse
+            coef = (1.0 - eps) * w_t + 2.0 * lse_square_scale * lse
             if smooth != 0:
                 coef += eps * inv_c * v_sum
         else:
-            coef = v_sum + 2.0 * zs * lse
+            coef = v_sum + 2.0 * lse_square_scale * lse
         if TARGET == 1:
             g = tl.where(ignored, 0.0, g)  # an ignored row's (infinite) scale is never used
+        p_mul = (1.0 / s) * coef
         g_row = grad_ptr + row * grad_stride
         for start in range(0, C, BLOCK):
             cols = start + offs
             mask = cols < C
             x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
             z = _capped(x, cap, SOFTCAP)
-            # masked lanes: exp(0), never stored (exp(0 - p_shift) could overflow)
-            dz = tl.exp(tl.where(mask, z - p_shift, 0.0)) * (p_mul * coef)
+            # masked lanes: exp(0), never stored (exp(0 - r) could overflow)
+            dz = tl.exp(tl.where(mask, z - r, 0.0)) * p_mul
             if TARGET == 1:
                 dz -= tl.where(cols == t, (1.0 - eps) * w_t, 0.0)
                 if smooth != 0:
@@ -234,7 +237,7 @@ def _softmax_ce_kernel(
             if SOFTCAP:
                 q = z / cap
                 dz = dz * (1.0 - q * q)
-            out = g * dz
+            out = tl.where(pos_inf, _NAN, g * dz)
             if TARGET == 1:
                 out = tl.where(ignored, 0.0, tl.where(bad, _NAN, out))
             tl.store(g_row + cols, out.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -258,88 +261,98 @@ def _check_targets_on_cpu(target, ignore_index: int, num_classes: int) -> None:
         raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
 
 
-def _constexprs(dtype, target_kind, has_weight, softcap, forward, grad, block):
+def _constexprs(dtype, target_kind, has_weight, softcap, grad, block):
     """The compile-time switches of one launch; `specialisations()` enumerates the same."""
     return dict(TARGET=target_kind, HAS_WEIGHT=bool(has_weight), SOFTCAP=bool(softcap),
-                FORWARD=bool(forward), GRAD=bool(grad), ACC=acc_dtype(dtype), BLOCK=block)
+                GRAD=bool(grad), ACC=acc_dtype(dtype), BLOCK=block)
 
 
-def _pointer_types(dtype, target_kind):
+def _pointer_types(dtype, target_kind, target_dtype=None):
     acc = acc_torch(dtype)
-    return dict(x_ptr=dtype, t_ptr=dtype if target_kind == 2 else torch.int64, w_ptr=dtype,
-                scale_ptr=acc, lse_ptr=acc, loss_ptr=acc, grad_ptr=dtype, pred_ptr=torch.int64,
-                conf_ptr=torch.float32)
+    t_type = (target_dtype or dtype) if target_kind == 2 else torch.int64
+    return dict(x_ptr=dtype, t_ptr=t_type, w_ptr=acc, scale_ptr=acc, lse_ptr=acc, loss_ptr=acc,
+                grad_ptr=dtype, pred_ptr=torch.int64, conf_ptr=torch.float32)
 
 
 _SCALARS = dict(x_stride="i32", t_stride="i32", scale_stride="i32", grad_stride="i32",
-                **{f"{n}_{p}": "fp32" for n in ("eps", "zs", "cap") for p in ("hi", "lo")})
+                **{f"{n}_{p}": "fp32" for n in ("eps", "lsq", "cap") for p in ("hi", "lo")})
 
 
 def _launch(logits, target, weight, scale, scale_stride, lse, loss, grad, pred, conf,
             ignore_index, label_smoothing, lse_square_scale, softcap, decode, *,
-            target_kind, forward, compute_grad, block=None):
+            target_kind, block=None):
     rows, classes = logits.shape
     if rows == 0:
         return
     if classes == 0:  # nothing to read: lse = -inf, loss 0 (empty sums), no gradient entries
-        if forward:
-            lse.fill_(float("-inf"))
-            if loss is not None:
-                loss.zero_()
-            if decode:
-                pred.zero_()
-                conf.fill_(float("nan"))
+        lse.fill_(float("-inf"))
+        if loss is not None:
+            loss.zero_()
+        if decode:
+            pred.zero_()
+            conf.zero_()
         return
     blk, warps = softmax_config(classes, logits.element_size())
     if block is not None:
         blk = block
-    dev, types = logits.device, _pointer_types(logits.dtype, target_kind)
+    dev = logits.device
+    types = _pointer_types(logits.dtype, target_kind,
+                           target.dtype if target_kind == 2 else None)
 
     def ptr(t, name):  # absent arguments get a typed dummy: same specialisation either way
         return t if t is not None else dummy(dev, types[name])
 
-    _softmax_ce_kernel[(rows,)](
-        logits, logits.stride(0),
-        ptr(target, "t_ptr"), target.stride(0) if target_kind == 2 else 0,
-        ptr(weight, "w_ptr"),
-        ptr(scale, "scale_ptr"), scale_stride,
-        lse, ptr(loss, "loss_ptr"),
-        ptr(grad, "grad_ptr"), grad.stride(0) if grad is not None else 0,
-        ptr(pred if decode else None, "pred_ptr"), ptr(conf if decode else None, "conf_ptr"),
-        classes, int(ignore_index), *split_f64(label_smoothing), *split_f64(lse_square_scale),
-        *split_f64(softcap if softcap > 0 else 1.0),
-        int(label_smoothing > 0), int(target_kind == 2 or label_smoothing > 0), int(bool(decode)),
-        int(scale is not None),
-        **_constexprs(logits.dtype, target_kind, weight is not None, softcap > 0, forward,
-                      compute_grad, blk),
-        num_warps=warps,
-    )
+    with on_device(logits):
+        _softmax_ce_kernel[(rows,)](
+            logits, logits.stride(0),
+            ptr(target, "t_ptr"), target.stride(0) if target is not None else 0,
+            ptr(weight, "w_ptr"),
+            ptr(scale, "scale_ptr"), scale_stride,
+            lse, ptr(loss, "loss_ptr"),
+            ptr(grad, "grad_ptr"), grad.stride(0) if grad is not None else 0,
+            ptr(pred if decode else None, "pred_ptr"), ptr(conf if decode else None, "conf_ptr"),
+            classes, int(ignore_index), *split_f64(label_smoothing),
+            *split_f64(lse_square_scale), *split_f64(softcap if softcap > 0 else 1.0),
+            int(label_smoothing > 0), int(target_kind == 2 or label_smoothing > 0),
+            int(bool(decode)), int(scale is not None),
+            **_constexprs(logits.dtype, target_kind, weight is not None, softcap > 0,
+                          grad is not None, blk),
+            num_warps=warps,
+        )
 
 
 def specialisations():
     """Every (kernel, signature, constexprs, num_warps) the launchers can launch on a GPU."""
     for dtype in LOGITS_DTYPES:
+        # probability targets in the logits' dtype or the accumulation dtype
+        target_dtypes = sorted({dtype, acc_torch(dtype)}, key=str)
         for block, warps in softmax_configs(torch.empty(0, dtype=dtype).element_size()):
-            modes = [(kind, fwd, grad) for kind in (1, 2)
-                     for fwd, grad in ((True, False), (True, True), (False, True))]
-            modes.append((0, True, False))  # softmax_decode
-            for kind, fwd, grad in modes:
+            modes = [(kind, grad, y) for kind in (1, 2) for grad in (False, True)
+                     for y in (target_dtypes if kind == 2 else (None,))]
+            modes.append((0, False, None))  # softmax_decode
+            for kind, grad, y in modes:
                 for has_weight in ((False, True) if kind else (False,)):
                     for softcap in (False, True):
-                        ce = _constexprs(dtype, kind, has_weight, softcap, fwd, grad, block)
-                        sig = signature(_softmax_ce_kernel, _pointer_types(dtype, kind),
-                                        _SCALARS, ce)
-                        yield _softmax_ce_kernel, sig, ce, warps
+                        switches = _constexprs(dtype, kind, has_weight, softcap, grad, block)
+                        sig = signature(_softmax_ce_kernel, _pointer_types(dtype, kind, y),
+                                        _SCALARS, switches)
+                        yield _softmax_ce_kernel, sig, switches, warps
 
 
 def _target_kind(target) -> int:
     return 2 if target.dim() == 2 else 1
 
 
-def _forward(logits, target, weight, grad_scale, ignore_index, label_smoothing,
-             lse_square_scale, softcap, grad, decode, block):
+def _class_weight(weight, logits):
+    """(C,) weight of any float dtype and stride -> contiguous, accumulation dtype (C values)."""
+    return None if weight is None else weight.to(acc_torch(logits.dtype)).contiguous()
+
+
+def _run_rows(logits, target, weight, scale, scale_stride, ignore_index, label_smoothing,
+              lse_square_scale, softcap, grad, decode, block):
+    """Every op's row pass: returns (loss, lse, pred, conf); the gradient goes to `grad`."""
     rows, classes = logits.shape
-    if target.dim() == 1:
+    if target is not None and target.dim() == 1:
         _check_targets_on_cpu(target, ignore_index, classes)
     acc = dict(dtype=acc_torch(logits.dtype), device=logits.device)
     loss = torch.empty(rows, **acc)
@@ -348,11 +361,10 @@ def _forward(logits, target, weight, grad_scale, ignore_index, label_smoothing,
         else _empty(logits, torch.int64)
     conf = torch.empty(rows, dtype=torch.float32, device=logits.device) if decode \
         else _empty(logits, torch.float32)
-    scale = None if grad_scale is None else grad_scale.to(acc["dtype"])
-    _launch(logits, target, weight, scale, 0, lse, loss, grad, pred, conf, ignore_index,
+    _launch(logits, target, _class_weight(weight, logits), scale, scale_stride, lse,
+            loss if target is not None else None, grad, pred, conf, ignore_index,
             label_smoothing, lse_square_scale, softcap, decode,
-            target_kind=_target_kind(target), forward=True, compute_grad=grad is not None,
-            block=block)
+            target_kind=0 if target is None else _target_kind(target), block=block)
     return loss, lse, pred, conf
 
 
@@ -360,40 +372,35 @@ def softmax_ce_fwd(logits, target, weight, grad_scale, ignore_index, label_smoot
                    lse_square_scale, softcap, compute_grad, decode, *, block=None):
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) \
         if compute_grad else None
-    loss, lse, pred, conf = _forward(logits, target, weight, grad_scale, ignore_index,
-                                     label_smoothing, lse_square_scale, softcap, grad, decode,
-                                     block)
+    scale = None if grad_scale is None else grad_scale.to(acc_torch(logits.dtype))
+    loss, lse, pred, conf = _run_rows(logits, target, weight, scale, 0, ignore_index,
+                                      label_smoothing, lse_square_scale, softcap, grad, decode,
+                                      block)
     return loss, lse, grad if compute_grad else _empty(logits), pred, conf
 
 
 def softmax_ce_fwd_inplace(logits, target, weight, grad_scale, ignore_index, label_smoothing,
                            lse_square_scale, softcap, decode, *, block=None):
     # Pass 2 loads each block of the row before it stores that block's gradient over it.
-    return _forward(logits, target, weight, grad_scale, ignore_index, label_smoothing,
-                    lse_square_scale, softcap, logits, decode, block)
+    scale = None if grad_scale is None else grad_scale.to(acc_torch(logits.dtype))
+    return _run_rows(logits, target, weight, scale, 0, ignore_index, label_smoothing,
+                     lse_square_scale, softcap, logits, decode, block)
 
 
-def softmax_ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing,
+def softmax_ce_bwd(grad_loss, logits, target, weight, ignore_index, label_smoothing,
                    lse_square_scale, softcap, *, block=None):
-    rows, classes = logits.shape
-    if target.dim() == 1:
-        _check_targets_on_cpu(target, ignore_index, classes)
+    # The forward's kernel with the gradient on and the (R,) incoming gradient as per-row scale
+    # (any float dtype and stride, stride 0 included; converting R values is a tiny device op):
+    # the same code on the same row, so the result is bitwise the forward's fused gradient for
+    # equal scales. The loss and lse it also writes are dropped (R values each).
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    # (R,) incoming gradient of any float dtype and stride (stride 0 included): read in the
-    # accumulation dtype with its own stride (converting R values is a tiny device op).
-    acc = acc_torch(logits.dtype)
-    g = grad_loss.to(acc)
-    _launch(logits, target, weight, g, g.stride(0) if g.dim() == 1 else 0, lse.to(acc), None,
-            grad, None, None, ignore_index, label_smoothing, lse_square_scale, softcap, False,
-            target_kind=_target_kind(target), forward=False, compute_grad=True, block=block)
+    g = grad_loss.to(acc_torch(logits.dtype))
+    _run_rows(logits, target, weight, g, g.stride(0), ignore_index, label_smoothing,
+              lse_square_scale, softcap, grad, False, block)
     return grad
 
 
 def softmax_decode(logits, softcap, *, block=None):
-    rows = logits.shape[0]
-    pred = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    conf = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(rows, dtype=acc_torch(logits.dtype), device=logits.device)
-    _launch(logits, None, None, None, 0, lse, None, None, pred, conf, -100, 0.0, 0.0,
-            softcap, True, target_kind=0, forward=True, compute_grad=False, block=block)
+    _, _, pred, conf = _run_rows(logits, None, None, None, 0, -100, 0.0, 0.0, softcap, None,
+                                 True, block)
     return pred, conf

@@ -11,13 +11,9 @@ namespace {
 // signature (csrc/cuda/scale_grad.cu).
 void scale_grad__cpu(Tensor& grad, const Tensor& scale) {
   const char* op = "scale_grad_";
-  check_same_device(op, "scale", scale);
-  TORCH_CHECK(grad.device().is_cpu(), op, ": grad must be a CPU tensor, got ", grad.device());
-  TORCH_CHECK(scale.numel() == 1, op, ": scale must be a 0-dim tensor, got shape ", scale.sizes());
-  TORCH_CHECK(is_float_dtype(scale.scalar_type()), op, ": scale must be floating, got ",
-              scale.scalar_type());
-  TORCH_CHECK(is_float_dtype(grad.scalar_type()), op,
+  TORCH_CHECK(checks::is_float_dtype(grad.scalar_type()), op,
               ": grad must be float16, bfloat16, float32 or float64, got ", grad.scalar_type());
+  checks::check_scalar_tensor(op, "scale", scale, grad);
   const double s = scale.item<double>();
   if (s == 1.0 || grad.numel() == 0) return;
   if (!grad.is_contiguous()) {  // not produced by the fused forward; let ATen handle the strides

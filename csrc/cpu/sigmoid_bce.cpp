@@ -5,6 +5,7 @@
 // e = exp(-|x|) (the one exp per element; never overflows):
 //   softplus(-x) = log(1 + exp(-x)) = max(-x, 0) + log1p(e)
 //   loss = w ((1 - y) x + (1 + (p - 1) y) softplus(-x))
+//        = w ((1 - y) max(x, 0) - p y min(x, 0) + (1 + (p - 1) y) log1p(e))   (computed form)
 //   sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0
 //   d loss / dx = w ((1 - y) - (1 + (p - 1) y) sigmoid(-x))
 //              = w ((p y + 1 - y) sigmoid(x) - p y)      (using sigmoid(-x) = 1 - sigmoid(x))
@@ -14,6 +15,7 @@
 // counts (TP, FP, FN per class, target positive when y > 0.5) are summed in per-chunk int64
 // partials, then added: integer sums, so the result does not depend on the thread count.
 #include "cpu/common.h"
+#include "op_checks.h"
 
 namespace fusedloss {
 namespace cpu {
@@ -31,14 +33,27 @@ inline Vectorized<T> log1p_unit(const Vectorized<T>& e) {
   return Vectorized<T>::blendv(u.log() * (e / d), e, d == zero);
 }
 
+// loss = (1-y) max(x,0) - p y min(x,0) + (1 + (p-1) y) log1p(e), e = exp(-|x|): the same value
+// as (1-y) x + (1 + (p-1) y) softplus(-x) without its cancellation (for x << 0, y = 0 that form
+// computes x + (-x + log1p(e^x)), losing about half an ulp of |x| on a loss of about e^x).
+template <typename T>
+inline Vectorized<T> bce_loss(const Vectorized<T>& x, const Vectorized<T>& y,
+                              const Vectorized<T>& p, const Vectorized<T>& e, bool has_pw) {
+  const Vectorized<T> zero(0), one(1);
+  const Vectorized<T> pos = at::vec::maximum(x, zero), neg = at::vec::minimum(x, zero);
+  if (!has_pw) return (one - y) * pos - y * neg + log1p_unit(e);
+  return (one - y) * pos - p * y * neg + (one + (p - one) * y) * log1p_unit(e);
+}
+
 struct BceJob {
   Operand x, y, w, pw, gl;  // gl: per-element incoming gradient (sigmoid_bce_bwd)
   const void* thr = nullptr; // (C,) logit thresholds in acc precision
   double g = 1.0;            // grad_scale
   bool loss_rows = false, loss_elem = false, grad = false, probs = false, labels = false,
        count = false;
+  bool loss_elem_acc = false;     // the elementwise loss is stored in acc (float target in acc)
   void* loss_rows_out = nullptr;  // acc, (R,)
-  void* loss_elem_out = nullptr;  // scalar_t, (R, C) contiguous
+  void* loss_elem_out = nullptr;  // scalar_t (or acc), (R, C) contiguous
   void* grad_out = nullptr;       // scalar_t, (R, C) contiguous
   void* probs_out = nullptr;      // scalar_t, (R, C) contiguous
   bool* labels_out = nullptr;     // (R, C) contiguous
@@ -82,11 +97,12 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, int64_t* cnt) 
           const Vec y = yb != nullptr ? vload(yb + i, k) : zero;
           const Vec p = pb != nullptr ? vload(pb + i, k) : one;
           if (need_loss) {
-            const Vec sp = at::vec::maximum(x.neg(), zero) + log1p_unit(e);
-            Vec l = (one - y) * x + (pb != nullptr ? one + (p - one) * y : one) * sp;
+            Vec l = bce_loss(x, y, p, e, pb != nullptr);
             if (wb != nullptr) l = l * vload(wb + i, k);
             if (j.loss_rows) {
               row_sum += k == V ? l : Vec::set(zero, l, k);
+            } else if (j.loss_elem_acc) {
+              vstore(static_cast<acc*>(j.loss_elem_out) + ro + c0 + i, l, k);
             } else {
               vstore_as<scalar_t, acc>(static_cast<scalar_t*>(j.loss_elem_out) + ro + c0 + i, l, k);
             }
@@ -164,31 +180,37 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_bce_fwd_cpu(
     const std::optional<Tensor>& threshold, bool reduce_rows, bool compute_grad,
     bool return_probs, bool count) {
   const char* op = "sigmoid_bce_fwd";
-  check_logits(op, logits, /*need_unit_col_stride=*/false);
+  checks::check_logits(op, logits, /*unit_col_stride=*/false);
   const int64_t R = logits.size(0), C = logits.size(1);
   const auto o = logits.options();
-  check_elementwise_operand(op, "target", target, logits, /*allow_int_targets=*/true);
+  checks::check_bce_target(op, target, logits);
   BceJob j;
   j.x = Operand(logits);
   j.y = Operand(target);
   if (weight.has_value() && weight->defined()) {
-    check_elementwise_operand(op, "weight", *weight, logits, false);
+    checks::check_elementwise_operand(op, "weight", *weight, logits, false);
     j.w = Operand(*weight);
   }
   if (pos_weight.has_value() && pos_weight->defined()) {
-    check_elementwise_operand(op, "pos_weight", *pos_weight, logits, false);
+    checks::check_elementwise_operand(op, "pos_weight", *pos_weight, logits, false);
     j.pw = Operand(*pos_weight);
   }
-  j.g = read_grad_scale(op, grad_scale);
+  j.g = read_grad_scale(op, grad_scale, logits);
   const bool has_thr = threshold.has_value() && threshold->defined();
-  TORCH_CHECK(!count || has_thr, op, ": count=True needs a threshold");
+  checks::check_count(op, count, has_thr);
   Tensor thr;
   if (has_thr) {
-    thr = class_vector(op, "threshold", *threshold, C, acc_dtype_of(logits));
+    thr = class_vector(op, "threshold", *threshold, logits);
     j.thr = thr.data_ptr();
   }
   // Row sums in the accumulation dtype (fp64 for fp64 logits), elementwise loss in the logits'.
-  Tensor loss = reduce_rows ? at::empty({R}, o.dtype(acc_dtype_of(logits))) : new_2d_output(R, C, o);
+  // Elementwise loss: promote(logits, target) for a float target (the accumulation dtype for
+  // an fp32 target with reduced-precision logits), the logits' dtype for bool/uint8.
+  const bool loss_acc = !reduce_rows && checks::is_float_dtype(target.scalar_type()) &&
+                        target.scalar_type() != logits.scalar_type();
+  Tensor loss = reduce_rows ? at::empty({R}, o.dtype(acc_dtype_of(logits)))
+                            : new_2d_output(R, C, loss_acc ? o.dtype(acc_dtype_of(logits)) : o);
+  j.loss_elem_acc = loss_acc;
   Tensor grad = compute_grad ? new_2d_output(R, C, o) : at::empty({0}, o);
   Tensor labels = has_thr ? at::empty({R, C}, o.dtype(at::kBool)) : at::empty({0}, o.dtype(at::kBool));
   Tensor probs = return_probs ? new_2d_output(R, C, o) : at::empty({0}, o);
@@ -213,20 +235,20 @@ Tensor sigmoid_bce_bwd_cpu(const Tensor& grad_loss, const Tensor& logits, const 
                            const std::optional<Tensor>& weight,
                            const std::optional<Tensor>& pos_weight) {
   const char* op = "sigmoid_bce_bwd";
-  check_logits(op, logits, false);
+  checks::check_logits(op, logits, false);
   const int64_t R = logits.size(0), C = logits.size(1);
-  check_elementwise_operand(op, "grad_loss", grad_loss, logits, false);
-  check_elementwise_operand(op, "target", target, logits, true);
+  checks::check_elementwise_operand(op, "grad_loss", grad_loss, logits, false);
+  checks::check_bce_target(op, target, logits);
   BceJob j;
   j.x = Operand(logits);
   j.y = Operand(target);
   j.gl = Operand(grad_loss);
   if (weight.has_value() && weight->defined()) {
-    check_elementwise_operand(op, "weight", *weight, logits, false);
+    checks::check_elementwise_operand(op, "weight", *weight, logits, false);
     j.w = Operand(*weight);
   }
   if (pos_weight.has_value() && pos_weight->defined()) {
-    check_elementwise_operand(op, "pos_weight", *pos_weight, logits, false);
+    checks::check_elementwise_operand(op, "pos_weight", *pos_weight, logits, false);
     j.pw = Operand(*pos_weight);
   }
   Tensor grad = new_2d_output(R, C, logits.options());
@@ -240,10 +262,10 @@ Tensor sigmoid_bce_bwd_cpu(const Tensor& grad_loss, const Tensor& logits, const 
 std::tuple<Tensor, Tensor> sigmoid_decode_cpu(const Tensor& logits, const Tensor& threshold,
                                               bool return_probs) {
   const char* op = "sigmoid_decode";
-  check_logits(op, logits, false);
+  checks::check_logits(op, logits, false);
   const int64_t R = logits.size(0), C = logits.size(1);
   const auto o = logits.options();
-  const Tensor thr = class_vector(op, "threshold", threshold, C, acc_dtype_of(logits));
+  const Tensor thr = class_vector(op, "threshold", threshold, logits);
   Tensor labels = at::empty({R, C}, o.dtype(at::kBool));
   Tensor probs = return_probs ? new_2d_output(R, C, o) : at::empty({0}, o);
   BceJob j;

@@ -830,29 +830,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> softmax_ce_fwd_inplac
 
 at::Tensor softmax_ce_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
                           const at::Tensor& target, const std::optional<at::Tensor>& weight,
-                          const at::Tensor& lse, int64_t ignore_index, double label_smoothing,
+                          int64_t ignore_index, double label_smoothing,
                           double lse_square_scale, double softcap) {
   raise_pending_bad_target();
   c10::cuda::CUDAGuard guard(logits.device());
   CeArgs a = base_args(logits, target, weight, ignore_index, label_smoothing, lse_square_scale,
                        softcap);
   check_same_device(grad_loss, logits, "grad_loss");
-  check_same_device(lse, logits, "lse");
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == a.R, "grad_loss: expected shape (",
               a.R, ",), got ", grad_loss.sizes());
-  TORCH_CHECK(lse.dim() == 1 && lse.size(0) == a.R && at::isFloatingType(lse.scalar_type()),
-              "lse: expected a floating (", a.R, ",) tensor, got ", lse.scalar_type(), " ",
-              lse.sizes());
   at::Tensor grad = at::empty({a.R, a.C}, logits.options());
   if (a.R == 0 || a.C == 0) return grad;
   // grad_loss in the accumulation type (a no-op for fp32 logits with fp32 grad_loss); a stride-0
   // (expanded) grad_loss keeps stride 0.
   const auto acc = acc_dtype(logits);
   at::Tensor gl = grad_loss.scalar_type() == acc ? grad_loss : grad_loss.to(acc);
-  at::Tensor lse_c = lse.to(acc).contiguous();
   a.row_scale = gl.data_ptr();
   a.rs = gl.stride(0);
-  a.saved_lse = lse_c.data_ptr();
+  a.saved_lse = nullptr;  // the kernel recomputes the row statistics (pass 1)
   a.grad = grad.data_ptr();
   a.ldg = a.C;
   FUSEDLOSS_DISPATCH_FLOAT(logits.scalar_type(), "softmax_ce_bwd", [&] {

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._dtypes import acc_dtype
+
 
 def _empty(like: Tensor, dtype=None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
@@ -17,7 +19,7 @@ def softmax_ce_fwd_fake(logits, target, weight, grad_scale, ignore_index, label_
                         lse_square_scale, softcap, compute_grad, decode):
     rows, classes = logits.shape
     f32 = torch.float32
-    acc = torch.float64 if logits.dtype == torch.float64 else f32
+    acc = acc_dtype(logits.dtype)
     loss = logits.new_empty((rows,), dtype=acc)
     lse = logits.new_empty((rows,), dtype=acc)
     grad = logits.new_empty((rows, classes)) if compute_grad else _empty(logits)
@@ -34,7 +36,7 @@ def softmax_ce_fwd_inplace_fake(logits, target, weight, grad_scale, ignore_index
     return loss, lse, pred, conf
 
 
-def softmax_ce_bwd_fake(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing,
+def softmax_ce_bwd_fake(grad_loss, logits, target, weight, ignore_index, label_smoothing,
                         lse_square_scale, softcap):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
@@ -48,9 +50,12 @@ def softmax_decode_fake(logits, softcap):
 def sigmoid_bce_fwd_fake(logits, target, weight, pos_weight, grad_scale, threshold, reduce_rows,
                          compute_grad, return_probs, count):
     rows, classes = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    loss = logits.new_empty((rows,), dtype=acc) if reduce_rows \
-        else logits.new_empty((rows, classes))
+    if reduce_rows:
+        loss = logits.new_empty((rows,), dtype=acc_dtype(logits.dtype))
+    else:  # promote(logits, target) for a float target, the logits' dtype for bool/uint8
+        dtype = torch.promote_types(logits.dtype, target.dtype) \
+            if target.is_floating_point() else logits.dtype
+        loss = logits.new_empty((rows, classes), dtype=dtype)
     grad = logits.new_empty((rows, classes)) if compute_grad else _empty(logits)
     labels = logits.new_empty((rows, classes), dtype=torch.bool) if threshold is not None \
         else _empty(logits, torch.bool)

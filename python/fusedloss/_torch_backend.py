@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
+from . import _op_checks as checks
 from . import reference as ref
 
 
@@ -23,19 +24,35 @@ def _scale(grad_scale: Tensor | None, rows: int, like: Tensor) -> Tensor:
     return grad_scale.reshape(1).expand(rows)
 
 
+def _ce_loss_grad(logits, target, weight, row_scale, ignore_index, label_smoothing,
+                  lse_square_scale, softcap, compute_grad):
+    """(loss, lse, grad) of the softmax-CE ops; grad = row_scale[r] * d loss[r] / d logits."""
+    if target.dim() == 1:  # the reference may sync (on CUDA too) to raise IndexError
+        ref.check_target_range(target, ignore_index, logits.shape[-1])
+    args = (ignore_index, label_smoothing, lse_square_scale, softcap)
+    loss, lse = ref.softmax_ce_rows(logits, target, weight, *args)
+    grad = _empty(logits)
+    if compute_grad:
+        grad = ref.softmax_ce_grad(logits, target, weight, row_scale, *args).to(logits.dtype)
+    return loss, lse, grad
+
+
+def _bce_loss_dtype(logits: Tensor, target: Tensor) -> torch.dtype:
+    """reduce_rows=False loss dtype: promote(logits, target) for float targets."""
+    return torch.promote_types(logits.dtype, target.dtype) if target.is_floating_point() \
+        else logits.dtype
+
+
 class TorchOps:
     @staticmethod
     def softmax_ce_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing,
-                       lse_square_scale, softcap, compute_grad, decode):
-        if target.dim() == 1:
-            ref.check_target_range(target, ignore_index, logits.shape[-1])
-        loss, lse = ref.softmax_ce_rows(logits, target, weight, ignore_index, label_smoothing,
-                                        lse_square_scale, softcap)
-        grad = _empty(logits)
-        if compute_grad:
-            grad = ref.softmax_ce_grad(
-                logits, target, weight, lse, _scale(grad_scale, logits.shape[0], logits),
-                ignore_index, label_smoothing, lse_square_scale, softcap).to(logits.dtype)
+                       lse_square_scale, softcap, compute_grad, decode,
+                       op: str = "softmax_ce_fwd"):
+        checks.softmax_ce(op, logits, target, weight, grad_scale, ignore_index, label_smoothing,
+                          lse_square_scale, softcap)
+        loss, lse, grad = _ce_loss_grad(
+            logits, target, weight, _scale(grad_scale, logits.shape[0], logits),
+            ignore_index, label_smoothing, lse_square_scale, softcap, compute_grad)
         pred, conf = _empty(logits, torch.int64), _empty(logits, torch.float32)
         if decode:
             pred, conf = ref.softmax_decode(logits, softcap)
@@ -46,25 +63,32 @@ class TorchOps:
                                lse_square_scale, softcap, decode):
         loss, lse, grad, pred, conf = TorchOps.softmax_ce_fwd(
             logits, target, weight, grad_scale, ignore_index, label_smoothing, lse_square_scale,
-            softcap, True, decode)
+            softcap, True, decode, op="softmax_ce_fwd_inplace")
         logits.copy_(grad)
         return loss, lse, pred, conf
 
     @staticmethod
-    def softmax_ce_bwd(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing,
+    def softmax_ce_bwd(grad_loss, logits, target, weight, ignore_index, label_smoothing,
                        lse_square_scale, softcap):
-        return ref.softmax_ce_grad(logits, target, weight, lse, grad_loss, ignore_index,
-                                   label_smoothing, lse_square_scale, softcap).to(logits.dtype)
+        # The forward's gradient code with the per-row incoming gradient as the scale: bitwise
+        # the forward's fused gradient for equal scales.
+        checks.softmax_ce_bwd(grad_loss, logits, target, weight, ignore_index, label_smoothing,
+                              lse_square_scale, softcap)
+        return _ce_loss_grad(logits, target, weight, grad_loss, ignore_index, label_smoothing,
+                             lse_square_scale, softcap, True)[2]
 
     @staticmethod
     def softmax_decode(logits, softcap):
+        checks.softmax_decode(logits, softcap)
         return ref.softmax_decode(logits, softcap)
 
     @staticmethod
     def sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold, reduce_rows,
                         compute_grad, return_probs, count):
+        checks.sigmoid_bce("sigmoid_bce_fwd", logits, target, weight, pos_weight, grad_scale,
+                           threshold, count)
         elem = ref.sigmoid_bce_elem(logits, target, weight, pos_weight)
-        loss = elem.sum(-1) if reduce_rows else elem.to(logits.dtype)
+        loss = elem.sum(-1) if reduce_rows else elem.to(_bce_loss_dtype(logits, target))
         grad = _empty(logits)
         if compute_grad:
             g = torch.ones((), dtype=torch.float32, device=logits.device) if grad_scale is None \
@@ -79,16 +103,20 @@ class TorchOps:
 
     @staticmethod
     def sigmoid_bce_bwd(grad_loss, logits, target, weight, pos_weight):
+        checks.sigmoid_bce("sigmoid_bce_bwd", logits, target, weight, pos_weight,
+                           grad_loss=grad_loss)
         return ref.sigmoid_bce_grad(logits, target, weight, pos_weight, grad_loss).to(logits.dtype)
 
     @staticmethod
     def sigmoid_decode(logits, threshold, return_probs):
+        checks.sigmoid_decode(logits, threshold)
         labels = ref.sigmoid_decode(logits, threshold)
         probs = torch.sigmoid(logits) if return_probs else _empty(logits)
         return labels, probs
 
     @staticmethod
     def scale_grad_(grad, scale):
+        checks.scale_grad_(grad, scale)
         grad.mul_(scale.to(grad.dtype))
 
 

@@ -4,7 +4,7 @@ launchers in fusedloss.triton_kernels, registered in the namespace `fusedloss_tr
 Why custom_op and not torch.library.triton_op: under TRITON_INTERPRET=1 on CPU, triton_op /
 wrap_triton fail in torch.compile and opcheck, while a custom_op with a fake kernel (the same
 fakes as the native ops, python/fusedloss/_ops.py) traces with torch.compile(fullgraph=True)
-on CPU and CUDA alike (../shared/ENVIRONMENT.md).
+on CPU and CUDA alike (checked with torch 2.14 and triton 3.8).
 
 Devices: CUDA when triton imports and a GPU is present; CPU only under TRITON_INTERPRET=1
 (tests). "auto" never picks the interpreter (no "cpu" entry in `priority`).
@@ -26,6 +26,7 @@ from . import (
     _backend,
     _ops,  # fake kernels shared with the native ops
 )
+from . import _op_checks as checks
 from .triton_kernels import scale_grad as _scale
 from .triton_kernels import sigmoid_bce as _bce
 from .triton_kernels import softmax_ce as _ce
@@ -42,6 +43,8 @@ def softmax_ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                    grad_scale: Optional[Tensor], ignore_index: int, label_smoothing: float,
                    lse_square_scale: float, softcap: float, compute_grad: bool,
                    decode: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    checks.softmax_ce("softmax_ce_fwd", logits, target, weight, grad_scale, ignore_index,
+                      label_smoothing, lse_square_scale, softcap)
     return _ce.softmax_ce_fwd(logits, target, weight, grad_scale, ignore_index, label_smoothing,
                               lse_square_scale, softcap, compute_grad, decode)
 
@@ -51,20 +54,25 @@ def softmax_ce_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tens
                            grad_scale: Optional[Tensor], ignore_index: int,
                            label_smoothing: float, lse_square_scale: float, softcap: float,
                            decode: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    checks.softmax_ce("softmax_ce_fwd_inplace", logits, target, weight, grad_scale,
+                      ignore_index, label_smoothing, lse_square_scale, softcap)
     return _ce.softmax_ce_fwd_inplace(logits, target, weight, grad_scale, ignore_index,
                                       label_smoothing, lse_square_scale, softcap, decode)
 
 
 @_op("softmax_ce_bwd")
 def softmax_ce_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
-                   lse: Tensor, ignore_index: int, label_smoothing: float,
-                   lse_square_scale: float, softcap: float) -> Tensor:
-    return _ce.softmax_ce_bwd(grad_loss, logits, target, weight, lse, ignore_index,
+                   ignore_index: int, label_smoothing: float, lse_square_scale: float,
+                   softcap: float) -> Tensor:
+    checks.softmax_ce_bwd(grad_loss, logits, target, weight, ignore_index, label_smoothing,
+                          lse_square_scale, softcap)
+    return _ce.softmax_ce_bwd(grad_loss, logits, target, weight, ignore_index,
                               label_smoothing, lse_square_scale, softcap)
 
 
 @_op("softmax_decode")
 def softmax_decode(logits: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
+    checks.softmax_decode(logits, softcap)
     return _ce.softmax_decode(logits, softcap)
 
 
@@ -74,6 +82,8 @@ def sigmoid_bce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                     threshold: Optional[Tensor], reduce_rows: bool, compute_grad: bool,
                     return_probs: bool, count: bool
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    checks.sigmoid_bce("sigmoid_bce_fwd", logits, target, weight, pos_weight, grad_scale,
+                       threshold, count)
     return _bce.sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold,
                                 reduce_rows, compute_grad, return_probs, count)
 
@@ -81,17 +91,21 @@ def sigmoid_bce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
 @_op("sigmoid_bce_bwd")
 def sigmoid_bce_bwd(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                     pos_weight: Optional[Tensor]) -> Tensor:
+    checks.sigmoid_bce("sigmoid_bce_bwd", logits, target, weight, pos_weight,
+                       grad_loss=grad_loss)
     return _bce.sigmoid_bce_bwd(grad_loss, logits, target, weight, pos_weight)
 
 
 @_op("sigmoid_decode")
 def sigmoid_decode(logits: Tensor, threshold: Tensor, return_probs: bool
                    ) -> tuple[Tensor, Tensor]:
+    checks.sigmoid_decode(logits, threshold)
     return _bce.sigmoid_decode(logits, threshold, return_probs)
 
 
 @_op("scale_grad_", mutates_args=("grad",))
 def scale_grad_(grad: Tensor, scale: Tensor) -> None:
+    checks.scale_grad_(grad, scale)
     _scale.scale_grad_(grad, scale)
 
 

@@ -77,7 +77,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         ops = _ops(backend, logits.device)
         grad_logits = grad_target = None
         if reduction == "none":
-            grad_logits = ops.softmax_ce_bwd(grad_out, logits, target, weight, lse, *args)
+            grad_logits = ops.softmax_ce_bwd(grad_out, logits, target, weight, *args)
         elif not ctx.consumed:
             grad_logits = ctx.fused_grad
             ops.scale_grad_(grad_logits, grad_out)
@@ -91,7 +91,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
             rows = torch.ones((), dtype=lse.dtype, device=lse.device) if grad_scale is None \
                 else grad_scale
             grad_logits = ops.softmax_ce_bwd(rows.expand(logits.shape[0]), logits, target,
-                                             weight, lse, *args)
+                                             weight, *args)
             ops.scale_grad_(grad_logits, grad_out)
         ctx.consumed = reduction != "none"
         if ctx.needs_input_grad[1]:  # probability targets that require grad (distillation)

@@ -11,10 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: fp64 stays fp64, everything else is computed in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ._dtypes import acc_dtype as compute_dtype  # the accumulation dtype (one rule, _dtypes.py)
 
 
 def apply_softcap(x: Tensor, softcap: float) -> Tensor:
@@ -67,7 +64,9 @@ def softmax_ce_rows(
     num_classes = x.shape[-1]
     z = apply_softcap(x, softcap)
     lse = torch.logsumexp(z, dim=-1)
-    nll = lse.unsqueeze(-1) - z  # -log p, (R, C)
+    # -log p = -log_softmax(z) = lse - z, formed as (m - z) + log(s) by torch: no cancellation
+    # at large logits, and a row holding +inf is NaN (as torch's cross_entropy gives).
+    nll = -torch.log_softmax(z, dim=-1)
     w = _class_weight(weight, num_classes, x)
     eps = label_smoothing
     if target.dim() == logits.dim():  # probability targets
@@ -79,6 +78,8 @@ def softmax_ce_rows(
             loss = loss + lse_square_scale * lse.square()
         return loss, lse
     ignored, safe = _target_parts(target, ignore_index, num_classes)
+    if num_classes == 0:  # every row is ignored (any other target is out of range)
+        return torch.zeros_like(lse), lse
     loss = (1 - eps) * w[safe] * nll.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     if eps > 0:
         loss = loss + (eps / num_classes) * (nll * w).sum(-1)
@@ -91,7 +92,6 @@ def softmax_ce_grad(
     logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    lse: Tensor,
     row_scale: Tensor,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
@@ -100,29 +100,33 @@ def softmax_ce_grad(
 ) -> Tensor:
     """Closed-form d(sum_r row_scale[r] * loss[r]) / d logits, in the accumulation dtype.
 
-    With z the (soft-capped) logits, p = softmax(z), for a class-index row with target t:
-        dloss/dz_c = p_c * ((1-eps) w_t + (eps/C) W + 2 s lse) - (1-eps) w_t [c==t] - (eps/C) w_c
+    With z the (soft-capped) logits, p = softmax(z) = exp(z - m) / s (computed from z, never
+    from a rounded lse), k = 2 lse_square_scale lse, for a class-index row with target t:
+        dloss/dz_c = p_c * ((1-eps) w_t + (eps/C) W + k) - (1-eps) w_t [c==t] - (eps/C) w_c
     where W = sum_c w_c. For probability targets y' = (1-eps) y + eps/C, S = sum_c w_c y'_c:
-        dloss/dz_c = p_c * (S + 2 s lse) - w_c y'_c
-    and soft-capping multiplies by dz/dx = 1 - (z/cap)^2. Ignored rows get exactly 0.
+        dloss/dz_c = p_c * (S + k) - w_c y'_c
+    and soft-capping multiplies by dz/dx = 1 - (z/cap)^2. Ignored rows get exactly 0; a row
+    holding +inf is NaN (softmax of it is).
     """
     x = logits.to(compute_dtype(logits.dtype))
     num_classes = x.shape[-1]
     z = apply_softcap(x, softcap)
-    lse = lse.to(x.dtype)
-    p = torch.exp(z - lse.unsqueeze(-1))
+    p = torch.softmax(z, dim=-1)
     w = _class_weight(weight, num_classes, x)
     eps = label_smoothing
-    zsq = 2 * lse_square_scale * lse
+    lse_term = 2 * lse_square_scale * torch.logsumexp(z, dim=-1) if lse_square_scale else 0.0
     if target.dim() == logits.dim():
         y = target.to(x.dtype) * (1 - eps) + eps / num_classes
         wy = w * y
-        dz = p * (wy.sum(-1) + zsq).unsqueeze(-1) - wy
+        coef = wy.sum(-1) + lse_term
+        dz = p * (coef.unsqueeze(-1) if isinstance(coef, Tensor) else coef) - wy
         ignored = None
     else:
         ignored, safe = _target_parts(target, ignore_index, num_classes)
+        if num_classes == 0:
+            return torch.zeros_like(x)
         wt = (1 - eps) * w[safe]
-        coef = wt + (eps / num_classes) * w.sum() + zsq
+        coef = wt + (eps / num_classes) * w.sum() + lse_term
         dz = p * coef.unsqueeze(-1) - (eps / num_classes) * w
         dz = dz.scatter_add(-1, safe.unsqueeze(-1), -wt.unsqueeze(-1))
     if softcap:
@@ -134,27 +138,34 @@ def softmax_ce_grad(
 
 
 def softmax_decode(logits: Tensor, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
-    """(argmax with torch's tie rule, probability of the argmax class as fp32)."""
+    """(argmax with torch's tie rule, probability of the argmax class as fp32; C = 0 gives
+    pred 0 and confidence 0)."""
     x = logits.to(compute_dtype(logits.dtype))
+    if x.shape[-1] == 0:
+        zeros = torch.zeros(x.shape[:-1], dtype=torch.int64, device=x.device)
+        return zeros, zeros.float()
     z = apply_softcap(x, softcap)
     pred = torch.argmax(z, dim=-1)
-    lse = torch.logsumexp(z, dim=-1)
-    conf = torch.exp(z.gather(-1, pred.unsqueeze(-1)).squeeze(-1) - lse)
+    conf = torch.softmax(z, dim=-1).gather(-1, pred.unsqueeze(-1)).squeeze(-1)
     return pred, conf.float()
 
 
 def sigmoid_bce_elem(
     logits: Tensor, target: Tensor, weight: Tensor | None = None, pos_weight: Tensor | None = None
 ) -> Tensor:
-    """Elementwise BCE-with-logits in the accumulation dtype, stable for |x| up to 1e4:
-    (1 - y) x + (1 + (p - 1) y) softplus(-x), times w."""
+    """Elementwise BCE-with-logits in the accumulation dtype, cancellation-free:
+    w ((1-y) max(x,0) - p y min(x,0) + (1 + (p-1) y) log1p(exp(-|x|))).
+    Equal to w ((1-y) x + (1 + (p-1) y) softplus(-x)), but for x << 0, y = 0 the loss (about
+    e^x) is not formed as x + (-x + log1p(e^x)), which loses about half an ulp of |x|."""
     x = logits.to(compute_dtype(logits.dtype))
     y = target.to(x.dtype)
-    sp = torch.nn.functional.softplus(-x)  # log(1 + exp(-x)), computed stably by torch
+    log1p_e = torch.log1p(torch.exp(-x.abs()))
+    pos, neg = x.clamp(min=0), x.clamp(max=0)
     if pos_weight is None:
-        loss = (1 - y) * x + sp
+        loss = (1 - y) * pos - y * neg + log1p_e
     else:
-        loss = (1 - y) * x + (1 + (pos_weight.to(x.dtype) - 1) * y) * sp
+        p = pos_weight.to(x.dtype)
+        loss = (1 - y) * pos - p * y * neg + (1 + (p - 1) * y) * log1p_e
     if weight is not None:
         loss = loss * weight.to(x.dtype)
     return loss
