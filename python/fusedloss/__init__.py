@@ -21,6 +21,12 @@ from .functional import (
     sigmoid_decode,
     softmax_decode,
 )
+from .linear import (
+    LinearBCEWithLogitsLoss,
+    LinearCrossEntropyLoss,
+    linear_binary_cross_entropy_with_logits,
+    linear_cross_entropy,
+)
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
 from .thresholds import ThresholdHistogram, TunedThresholds, tune_thresholds
 
@@ -34,6 +40,8 @@ __all__ = [
     "BCEWithLogitsLoss",
     "CrossEntropyLoss",
     "CrossEntropyOutput",
+    "LinearBCEWithLogitsLoss",
+    "LinearCrossEntropyLoss",
     "SigmoidDecoding",
     "SoftmaxDecoding",
     "ThresholdHistogram",
@@ -42,6 +50,8 @@ __all__ = [
     "check_errors",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
+    "linear_binary_cross_entropy_with_logits",
+    "linear_cross_entropy",
     "resolve_backend",
     "sigmoid_decode",
     "softmax_decode",

@@ -1,0 +1,296 @@
+"""Fused linear + loss: `loss(F.linear(input, linear_weight, linear_bias), target)` without the
+(rows, classes) logits ever existing in full (docs/linear.md).
+
+The "native" and "triton" backends (and "auto") run the row-chunked ops of linear_ce.py /
+linear_bce.py: torch matmuls plus that backend's fused loss kernel. backend="torch" is the
+reference: the logits are materialised and handed to the torch backend's loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as tF
+from torch import Tensor, nn
+
+from . import _backend
+from . import functional as F
+from . import reference as ref
+from .linear_bce import LinearBCEFunction
+from .linear_ce import LinearCrossEntropyFunction
+from .linear_chunks import default_chunk_rows
+
+
+def _check_linear(input, linear_weight, linear_bias):
+    """Shapes/dtypes/devices of the linear layer; returns (x2 (N, H), batch shape, C)."""
+    F._check_tensor("input", input)
+    F._check_tensor("linear_weight", linear_weight)
+    F._check_floating_input("input", input, "linear loss")
+    if input.dim() == 0:
+        raise ValueError("input must have a hidden dimension (the last), got a 0-d tensor")
+    if linear_weight.dim() != 2:
+        raise RuntimeError(f"linear_weight must be 2-D (classes, hidden), got shape "
+                           f"{list(linear_weight.shape)}")
+    hidden = input.shape[-1]
+    if linear_weight.shape[1] != hidden:
+        raise RuntimeError(f"hidden size mismatch: input.shape[-1] = {hidden} but "
+                           f"linear_weight.shape[1] = {linear_weight.shape[1]} "
+                           f"(linear_weight is (classes, hidden))")
+    if linear_weight.dtype != input.dtype:
+        raise RuntimeError(f"linear_weight.dtype ({linear_weight.dtype}) must match "
+                           f"input.dtype ({input.dtype})")
+    F._check_same_device("linear_weight", linear_weight, input)
+    classes = linear_weight.shape[0]
+    if linear_bias is not None:
+        F._check_tensor("linear_bias", linear_bias)
+        if tuple(linear_bias.shape) != (classes,):
+            raise RuntimeError(f"linear_bias must have shape ({classes},) (one value per class "
+                               f"of linear_weight), got {list(linear_bias.shape)}")
+        if linear_bias.dtype != input.dtype:
+            raise RuntimeError(f"linear_bias.dtype ({linear_bias.dtype}) must match "
+                               f"input.dtype ({input.dtype})")
+        F._check_same_device("linear_bias", linear_bias, input)
+    return input.reshape(-1, hidden), input.shape[:-1], classes
+
+
+def _chunk_rows(chunk_size, x2: Tensor, classes: int) -> int:
+    if chunk_size is None:
+        return default_chunk_rows(x2.shape[0], x2.shape[1], classes, x2.dtype, x2.device)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be a positive int or None, got "
+                        f"{type(chunk_size).__name__} ({chunk_size!r})")
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
+    return chunk_size
+
+
+def _ce_target(target, batch_shape, classes: int, ignore_index: int, dtype):
+    """(t2, is_probability): (N,) int64 class indices or (N, C) probabilities."""
+    F._check_tensor("target", target)
+    if target.is_floating_point():
+        if tuple(target.shape) != (*batch_shape, classes):
+            raise RuntimeError(f"probability target must have shape input.shape[:-1] + "
+                               f"(classes,) = {[*batch_shape, classes]}, got "
+                               f"{list(target.shape)}")
+        if ignore_index != -100:
+            raise RuntimeError("ignore_index is not supported for floating point target "
+                               f"(ignore_index={ignore_index})")
+        return target.to(dtype).reshape(-1, classes), True
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError("expected target dtype to be Long or Byte (class indices) or "
+                           f"floating point (probabilities), got {target.dtype} (target)")
+    if target.shape != batch_shape:
+        raise RuntimeError(f"class-index target must have shape input.shape[:-1] = "
+                           f"{list(batch_shape)}, got {list(target.shape)}")
+    return target.reshape(-1).long().contiguous(), False
+
+
+def _ce_mean_scale(t2: Tensor, weight: Tensor | None, prob: bool, ignore_index: int,
+                   classes: int, acc: torch.dtype) -> Tensor:
+    """1 / torch's 'mean' denominator, on the device (no sync): rows for probabilities, else
+    the summed class weight of the non-ignored rows."""
+    if prob:
+        return 1.0 / torch.full((), float(t2.shape[0]), device=t2.device, dtype=acc)
+    valid = t2 != ignore_index
+    if weight is None:
+        return 1.0 / valid.sum(dtype=acc)
+    w_t = weight.to(acc)[t2.clamp(0, max(classes - 1, 0))] if classes \
+        else torch.zeros_like(t2, dtype=acc)
+    return 1.0 / (w_t * valid).sum()
+
+
+def _ce_options(reduction, label_smoothing, lse_square_scale, softcap):
+    F._check_reduction(reduction)
+    ls = F._check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+    s = F._check_number("lse_square_scale", lse_square_scale, 0.0)
+    cap = 0.0 if softcap is None else F._check_number("softcap", softcap, 0.0)
+    if softcap is not None and cap == 0.0:
+        raise ValueError("softcap must be > 0 (or None to disable), got 0.0")
+    return ls, s, cap
+
+
+def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
+                         linear_bias: Tensor | None = None, weight: Tensor | None = None,
+                         reduction: str = "mean", ignore_index: int = -100,
+                         label_smoothing: float = 0.0, backend: str = "auto",
+                         lse_square_scale: float = 0.0, softcap: float | None = None,
+                         return_decoding: bool = False, chunk_size: int | None = None):
+    """`cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`, fused.
+
+    input (..., H), linear_weight (C, H), target (...) class indices or (..., C)
+    probabilities. Options as fusedloss.cross_entropy; chunk_size: rows per chunk (None: the
+    rule in docs/linear.md). Returns the loss, or a CrossEntropyOutput with return_decoding.
+    """
+    x2, batch_shape, classes = _check_linear(input, linear_weight, linear_bias)
+    ls, s, cap = _ce_options(reduction, label_smoothing, lse_square_scale, softcap)
+    b = _backend.get(backend, input.device)
+    F._check_same_device("target", target, input)
+    t2, prob = _ce_target(target, batch_shape, classes, int(ignore_index), input.dtype)
+    F._check_class_weight(weight, linear_weight.t())  # .t(): (H, C), classes last as it wants
+    chunk = _chunk_rows(chunk_size, x2, classes)
+    if b.name == "torch":
+        logits = tF.linear(x2, linear_weight, linear_bias)
+        res = F.cross_entropy(logits, t2, weight, ignore_index=ignore_index,
+                              reduction=reduction, label_smoothing=ls, backend="torch",
+                              lse_square_scale=s, softcap=softcap,
+                              return_decoding=return_decoding)
+        loss, pred, conf = (res, None, None) if not return_decoding else res[:3]
+    else:
+        acc = ref.compute_dtype(input.dtype)
+        grad_scale = _ce_mean_scale(t2, weight, prob, ignore_index, classes, acc) \
+            if reduction == "mean" else None
+        on = torch.is_grad_enabled()
+        loss, pred, conf = LinearCrossEntropyFunction.apply(
+            x2, linear_weight, linear_bias, t2, None if weight is None else weight.to(acc),
+            grad_scale, b.name, int(ignore_index), ls, s, cap, chunk, reduction,
+            on and input.requires_grad, on and linear_weight.requires_grad,
+            on and linear_bias is not None and linear_bias.requires_grad,
+            on and prob and target.requires_grad, bool(return_decoding))
+    if reduction == "none":
+        loss = loss.reshape(batch_shape)
+    if not return_decoding:
+        return loss
+    pred, conf = pred.reshape(batch_shape), conf.reshape(batch_shape)
+    correct = None
+    if not prob:
+        t = t2.reshape(batch_shape)
+        correct = (pred == t) & (t != ignore_index)
+    return F.CrossEntropyOutput(loss, pred, conf, correct)
+
+
+def _bce_target(target, out_shape, dtype):
+    """(t2 (N, C) unit stride along classes, result dtype of the loss)."""
+    F._check_tensor("target", target)
+    if tuple(target.shape) != tuple(out_shape):
+        raise ValueError(f"target must have shape input.shape[:-1] + (classes,) = "
+                         f"{list(out_shape)}, got {list(target.shape)}")
+    if target.dtype in (torch.bool, torch.uint8):
+        t, out_dtype = target, dtype
+    elif target.is_floating_point():
+        t, out_dtype = target.to(dtype), target.dtype
+    else:
+        raise RuntimeError(f"target must be floating point, bool or uint8, got {target.dtype}")
+    classes = out_shape[-1]
+    return F._rows(t.reshape(-1, classes)), out_dtype
+
+
+def linear_binary_cross_entropy_with_logits(
+        input: Tensor, linear_weight: Tensor, target: Tensor, *,
+        linear_bias: Tensor | None = None, weight: Tensor | None = None,
+        pos_weight: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
+        threshold=None, logit_threshold=None, return_counts: bool = False,
+        chunk_size: int | None = None):
+    """`binary_cross_entropy_with_logits(F.linear(input, linear_weight, linear_bias), target)`,
+    fused, for multi-label heads.
+
+    input (..., H), linear_weight (L, H), target (..., L) float, bool or uint8 (read as is).
+    weight / pos_weight broadcast to (..., L). threshold (probability) / logit_threshold give
+    the multi-hot labels `logits > logit(threshold)`; return_counts the (3, L) [TP, FP, FN]
+    per label. With either, the result is a BCEOutput (probs is None), else the loss.
+    """
+    x2, batch_shape, classes = _check_linear(input, linear_weight, linear_bias)
+    F._check_reduction(reduction)
+    b = _backend.get(backend, input.device)
+    F._check_same_device("target", target, input)
+    out_shape = (*batch_shape, classes)
+    t2, out_dtype = _bce_target(target, out_shape, input.dtype)
+    like = input.new_empty(()).expand(out_shape)  # shape/dtype/device only, no memory
+    w2 = F._broadcast_view("weight", weight, like, like.reshape(-1, classes))
+    pw2 = F._broadcast_view("pos_weight", pos_weight, like, like.reshape(-1, classes))
+    thr = F._logit_threshold(threshold, logit_threshold, classes, input.device)
+    if return_counts and thr is None:
+        raise ValueError("return_counts=True needs threshold= or logit_threshold=")
+    chunk = _chunk_rows(chunk_size, x2, classes)
+    if b.name == "torch":
+        logits = tF.linear(x2, linear_weight, linear_bias).reshape(out_shape)
+        res = F.binary_cross_entropy_with_logits(
+            logits, target, weight, reduction=reduction, pos_weight=pos_weight,
+            backend="torch", threshold=threshold, logit_threshold=logit_threshold,
+            return_counts=return_counts)
+        return res
+    acc = ref.compute_dtype(input.dtype)
+    grad_scale = None
+    if reduction == "mean":
+        n = x2.shape[0] * classes
+        grad_scale = torch.full((), 1.0 / n if n else float("nan"), dtype=acc,
+                                device=input.device)
+    on = torch.is_grad_enabled()
+    loss, labels, counts = LinearBCEFunction.apply(
+        x2, linear_weight, linear_bias, t2, w2, pw2, grad_scale, thr, b.name, chunk, reduction,
+        on and input.requires_grad, on and linear_weight.requires_grad,
+        on and linear_bias is not None and linear_bias.requires_grad,
+        on and target.is_floating_point() and target.requires_grad, bool(return_counts))
+    if reduction == "none":
+        loss = loss.reshape(out_shape)
+    loss = loss.to(out_dtype)
+    if thr is None:
+        return loss
+    return F.BCEOutput(loss, labels.reshape(out_shape), None,
+                       counts if return_counts else None)
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Holds the options of linear_cross_entropy (not the classifier's weight):
+    `loss_fn(hidden, lm_head.weight, target)` or with `linear_bias=lm_head.bias`."""
+
+    def __init__(self, weight: Tensor | None = None, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, *,
+                 backend: str = "auto", lse_square_scale: float = 0.0,
+                 softcap: float | None = None, return_decoding: bool = False,
+                 chunk_size: int | None = None):
+        super().__init__()
+        _ce_options(reduction, label_smoothing, lse_square_scale, softcap)
+        if weight is not None:
+            F._check_tensor("weight", weight)
+            if weight.numel() and bool(torch.isnan(weight).any()):
+                raise ValueError("weight contains NaN")
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.backend = backend
+        self.lse_square_scale = lse_square_scale
+        self.softcap = softcap
+        self.return_decoding = return_decoding
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
+                linear_bias: Tensor | None = None):
+        return linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, backend=self.backend,
+            lse_square_scale=self.lse_square_scale, softcap=self.softcap,
+            return_decoding=self.return_decoding, chunk_size=self.chunk_size)
+
+
+class LinearBCEWithLogitsLoss(nn.Module):
+    """Holds the options of linear_binary_cross_entropy_with_logits (not the classifier's
+    weight): `loss_fn(hidden, head.weight, target)` or with `linear_bias=head.bias`."""
+
+    def __init__(self, weight: Tensor | None = None, reduction: str = "mean",
+                 pos_weight: Tensor | None = None, *, backend: str = "auto", threshold=None,
+                 logit_threshold=None, return_counts: bool = False,
+                 chunk_size: int | None = None):
+        super().__init__()
+        F._check_reduction(reduction)
+        for name, value in (("weight", weight), ("pos_weight", pos_weight)):
+            if value is not None:
+                F._check_tensor(name, value)
+                if value.numel() and bool(torch.isnan(value).any()):
+                    raise ValueError(f"{name} contains NaN")
+        self.register_buffer("weight", weight)
+        self.register_buffer("pos_weight", pos_weight)
+        self.reduction = reduction
+        self.backend = backend
+        self.threshold = threshold
+        self.logit_threshold = logit_threshold
+        self.return_counts = return_counts
+        self.chunk_size = chunk_size
+
+    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
+                linear_bias: Tensor | None = None):
+        return linear_binary_cross_entropy_with_logits(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
+            pos_weight=self.pos_weight, reduction=self.reduction, backend=self.backend,
+            threshold=self.threshold, logit_threshold=self.logit_threshold,
+            return_counts=self.return_counts, chunk_size=self.chunk_size)

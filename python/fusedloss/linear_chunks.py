@@ -1,0 +1,110 @@
+"""Row-chunked linear + loss: the chunk-size rule and the per-chunk matmuls that the fused
+linear cross-entropy (linear_ce.py) and linear BCE (linear_bce.py) share.
+
+A chunk of rows [i, j) of the (N, H) input gets its logits `x[i:j] @ W^T (+ b)` in one reused
+(rows, C) buffer; the loss op turns the buffer into d(loss)/d(logits) (in place for softmax
+CE); then `grad_input[i:j] = G @ W`, `grad_W += G^T @ x[i:j]`, `grad_b += G.sum(0)`.
+Matmuls run in the input dtype (BLAS accumulates in fp32); grad_W and grad_b are accumulated
+across chunks in the accumulation dtype (fp32 for bf16/fp16), so a low-precision grad_W is
+rounded once, as torch's unchunked matmul rounds it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+
+# chunk_size=None rule. Each chunk re-reads (and BLAS re-packs) all of W for each of its three
+# matmuls, a cost independent of the chunk's rows, so small chunks are slow; the chunk's
+# logits buffer is the only memory beyond the gradients, so big chunks are fat.
+# Measured on the 2-core x86_64 CPU of the build machine (fp32, H=1024, C=32000, fwd + both
+# backward matmuls per row): 64 rows ~1.6x, 128 rows ~1.2x, 256 rows ~1.05x the time per row
+# of 512 rows. The rule: the logits buffer may take CHUNK_MEMORY_FRACTION of the gradients'
+# own bytes (grad_W + grad_input), at least MIN_CHUNK_BYTES, rounded down to a multiple of
+# CHUNK_ROW_MULTIPLE rows (at least one multiple, at most all rows).
+CHUNK_MEMORY_FRACTION = 0.125
+MIN_CHUNK_BYTES = 8 << 20
+CHUNK_ROW_MULTIPLE = {"cpu": 64, "cuda": 256}
+
+
+def default_chunk_rows(rows: int, hidden: int, classes: int, dtype: torch.dtype,
+                       device: torch.device) -> int:
+    """Rows per chunk for chunk_size=None (the rule above); >= 1."""
+    if rows <= 0:
+        return 1
+    esize = torch.empty((), dtype=dtype).element_size()
+    grad_bytes = (classes + rows) * hidden * esize
+    budget = max(CHUNK_MEMORY_FRACTION * grad_bytes, MIN_CHUNK_BYTES)
+    mult = CHUNK_ROW_MULTIPLE.get(device.type, 128)
+    per_row = max(classes, 1) * esize
+    chunk = int(budget // per_row) // mult * mult
+    return max(1, min(rows, max(chunk, mult)))
+
+
+def empty(like: Tensor, dtype=None) -> Tensor:
+    return like.new_empty((0,), dtype=dtype or like.dtype)
+
+
+def chunk_logits(x: Tensor, w: Tensor, b: Tensor | None, buf: Tensor) -> Tensor:
+    """`x @ w^T + b` into the first x.shape[0] rows of buf (contiguous), returned."""
+    out = buf[: x.shape[0]]
+    if b is None:
+        torch.mm(x, w.t(), out=out)
+    else:
+        torch.addmm(b, x, w.t(), out=out)
+    return out
+
+
+class LinearGrads:
+    """grad_input (N, H), grad_W (C, H), grad_b (C,) filled chunk by chunk.
+
+    Only the gradients asked for are allocated. grad_W of fp32/fp64 inputs is accumulated in
+    place in its final buffer (the first chunk writes it, the others add); a bf16/fp16 grad_W
+    split over several chunks goes through an fp32 accumulator.
+    """
+
+    def __init__(self, x: Tensor, w: Tensor, b: Tensor | None, need_x: bool, need_w: bool,
+                 need_b: bool, chunks: int):
+        self.w = w
+        self.acc = ref.compute_dtype(x.dtype)
+        self.gx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x \
+            else empty(x)
+        self.lowp_w = need_w and self.acc != x.dtype and chunks > 1
+        if need_w:  # the first chunk overwrites an fp32/fp64 grad_W: no zero fill
+            make = w.new_zeros if self.lowp_w or chunks == 0 else w.new_empty
+            self.gw = make(w.shape, dtype=self.acc if self.lowp_w else w.dtype)
+        else:
+            self.gw = empty(w)
+        self.gb = w.new_zeros((w.shape[0],), dtype=self.acc) if need_b and b is not None \
+            else empty(w)
+        self.need = (need_x, need_w, need_b and b is not None)
+        self.first = True
+
+    def add(self, i: int, j: int, g: Tensor, x: Tensor) -> None:
+        """Accumulate the chunk rows [i, j): g = d(loss)/d(logits) (rows, C), x its inputs."""
+        need_x, need_w, need_b = self.need
+        if need_x:
+            torch.mm(g, self.w, out=self.gx[i:j])
+        if need_w:
+            if self.lowp_w:
+                self.gw.add_(torch.mm(g.t(), x))
+            elif self.first:
+                torch.mm(g.t(), x, out=self.gw)
+            else:
+                self.gw.addmm_(g.t(), x)
+        if need_b:
+            self.gb.add_(g.sum(0, dtype=self.acc))
+        self.first = False
+
+    def result(self, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """(grad_input, grad_W, grad_b) in `dtype` (the unneeded ones empty)."""
+        gw = self.gw.to(dtype) if self.need[1] else self.gw
+        gb = self.gb.to(dtype) if self.need[2] else self.gb
+        return self.gx, gw, gb
+
+
+def chunk_bounds(rows: int, chunk: int):
+    """(i, j) row ranges of the chunks, in order."""
+    return [(i, min(i + chunk, rows)) for i in range(0, rows, chunk)]
