@@ -28,7 +28,15 @@ from .linear import (
     linear_cross_entropy,
 )
 from .modules import BCEWithLogitsLoss, CrossEntropyLoss
-from .thresholds import ThresholdHistogram, TunedThresholds, tune_thresholds
+from .thresholds import (
+    CrossValidatedThresholds,
+    ThresholdHistogram,
+    ThresholdIntervals,
+    TunedThresholds,
+    bootstrap_thresholds,
+    cross_validate_thresholds,
+    tune_thresholds,
+)
 
 try:
     from . import _triton  # noqa: F401  (registers "triton" when usable)
@@ -42,16 +50,20 @@ __all__ = [
     "CrossEntropyOutput",
     "LinearBCEWithLogitsLoss",
     "LinearCrossEntropyLoss",
+    "CrossValidatedThresholds",
     "SigmoidDecoding",
     "SoftmaxDecoding",
     "ThresholdHistogram",
+    "ThresholdIntervals",
     "TunedThresholds",
     "available_backends",
+    "bootstrap_thresholds",
     "check_errors",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "linear_binary_cross_entropy_with_logits",
     "linear_cross_entropy",
+    "cross_validate_thresholds",
     "resolve_backend",
     "sigmoid_decode",
     "softmax_decode",
