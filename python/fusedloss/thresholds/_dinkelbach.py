@@ -41,8 +41,11 @@ TP = sum_c tp_c, K = sum_c (tp_c + fp_c) (predicted positives) and FN = P - TP,
    rounding may resolve either way, and the iteration stops at the first step that does not
    increase the float64 F, keeping the better of the last two choices.
 
-Scans measured: the test suite records the count on random cases (tests/test_thresholds.py,
-`test_micro_per_class_scans`); the study's counts are in docs/multilabel.md.
+Scans measured (each scan = one pass over every class's cuts; the count includes the last
+scan, which confirms the optimum), from x_0 = predict everything, on random problems
+(Gaussian scores shifted for positives, prevalences up to 30%, beta in {1, 0.5, 2}; 60 problems
+per size): 12 samples x 3 classes: 2 to 4 scans; 100 x 5: 2 to 5; 1000 x 10: 3 to 5;
+10^4 x 50: 4 to 6; 10^5 x 100: 4 to 6. `test_micro_per_class_scans` keeps it under 8.
 """
 
 from __future__ import annotations
