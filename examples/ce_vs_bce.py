@@ -1,8 +1,8 @@
 """Multi-class vs multi-label: softmax cross-entropy vs sigmoid BCE on scikit-learn's digits.
 
-The question (see /work/shared/seeds): BCE-with-logits "works" on a multi-class problem such
-as MNIST, so what does softmax-CE buy, and for a genuinely multi-label problem how should the
-per-class thresholds be chosen instead of a fixed 0.5? Two experiments, same MLP, several seeds:
+The question: BCE-with-logits "works" on a multi-class problem such as MNIST, so what does
+softmax-CE buy, and for a genuinely multi-label problem how should the per-class thresholds
+be chosen instead of a fixed 0.5? Two experiments, same MLP, several seeds:
 
 1. Multi-class (each 8x8 digit image is exactly one of 10 classes). The MLP is trained with
    `fusedloss.cross_entropy` or with `fusedloss.binary_cross_entropy_with_logits` on one-hot
@@ -15,23 +15,27 @@ per-class thresholds be chosen instead of a fixed 0.5? Two experiments, same MLP
 2. Multi-label (each sample is 3 slots, each holding a digit image or left blank, 0 to 3
    images; labels = the set of digits present, the empty set included; images come from the
    train / validation / test pools of the digit split, so there is no leakage). The MLP is
-   trained with BCE; the test set is decoded with the threshold 0.5, with per-class thresholds
-   tuned for F1 on the validation split (`fusedloss.thresholds.tune_thresholds`, exact), with
-   one micro-F1 threshold tuned on validation, and with per-class thresholds from the
-   streaming `ThresholdHistogram`. Micro and macro F1 come from the library's counts
-   (`return_counts=True`). Two label distributions: "uniform" (each slot's digit uniform) and
-   "skewed" (digit d with probability proportional to 0.7**d, so 9 is 25x rarer than 0), each
-   at two training budgets (under-trained: --short-epochs; trained: --epochs), since how much
-   tuning buys depends on how well calibrated the scores are. The validation F1 at 0.5 and at
-   the tuned thresholds (in-sample) is reported too: the gap between it and the test F1 is
-   what tuning on a finite validation set costs.
+   trained with BCE; the test set is decoded with the threshold 0.5 and with thresholds tuned
+   for F1 on the validation split (`fusedloss.thresholds`, exact): per class (each class's
+   F1), one shared threshold (micro-F1), per class jointly for micro-F1 ("micro-per-class"),
+   and per class from the streaming `ThresholdHistogram`. Micro and macro F1 come from the
+   library's counts (`return_counts=True`). Two label distributions: "uniform" (each slot's
+   digit uniform) and "skewed" (digit d with probability proportional to 0.7**d, so 9 is 25x
+   rarer than 0), each at two training budgets (under-trained: --short-epochs; trained:
+   --epochs), since how much tuning buys depends on how well calibrated the scores are. Also
+   on the validation split: F1 at 0.5 and at the tuned thresholds (in-sample: the gap to the
+   test F1 is what tuning on a finite validation set costs), and the 5-fold cross-validated
+   F1 of per-class tuning (`cross_validate_thresholds`: tuned on 4/5 of the validation
+   split, scored on the rest), an estimate of the test F1 from validation data alone.
+   How sure each class's threshold is: `bootstrap_thresholds` on the validation split gives
+   90% intervals of the threshold and of the tuned F1, plotted against the class's positives.
 
 Data split: one fixed stratified 60/20/20 split of the 1797 images; seeds vary the weight
 initialisation, minibatch order and the multi-label sample composition.
 
 Usage: python examples/ce_vs_bce.py [--quick] [--out DIR] [--seeds N] [--backend NAME]
-Prints a markdown table and writes ce_vs_bce.png (and results.json) to --out
-(default examples/out/).
+Prints markdown tables and writes ce_vs_bce.png, thresholds.png and results.json to --out
+(default examples/out/). Tables and figures are made by ce_vs_bce_report.py (next to this file).
 """
 
 from __future__ import annotations
@@ -45,11 +49,17 @@ import time
 import torch
 
 import fusedloss
-from fusedloss.thresholds import ThresholdHistogram, tune_thresholds
+from fusedloss.thresholds import (
+    ThresholdHistogram,
+    bootstrap_thresholds,
+    cross_validate_thresholds,
+    tune_thresholds,
+)
 
 NUM_CLASSES = 10
 SLOTS = 3  # images per multi-label sample (each slot may be blank)
 VAL_PREFIX = "val, in-sample: "
+CV_FOLDS = 5
 ECE_BINS = 15  # the usual choice since Guo et al. 2017 ("On calibration of modern NNs")
 
 
@@ -182,8 +192,15 @@ def f1s(counts: torch.Tensor) -> tuple[float, float]:
     return micro, float(per.mean())
 
 
+def per_class_f1(counts: torch.Tensor) -> list[float]:
+    tp, fp, fn = counts.double()
+    den = 2 * tp + fp + fn
+    return torch.where(den == 0, 1.0, 2 * tp / den.clamp(min=1)).tolist()
+
+
 def multilabel_run(data, seed: int, epochs: int, sizes: dict, skew, backend: str,
-                   hist_bins: int) -> dict:
+                   hist_bins: int, resamples: int) -> tuple[dict, dict]:
+    """(micro / macro F1 of every decoding, per-class threshold intervals) of one seed."""
     g = torch.Generator().manual_seed(10_000 + seed)
     ml = {k: make_multilabel(*data[k], sizes[k], skew, g) for k in ("train", "val", "test")}
     xtr, ytr = ml["train"]
@@ -194,93 +211,42 @@ def multilabel_run(data, seed: int, epochs: int, sizes: dict, skew, backend: str
         zva, zte = model(ml["val"][0]), model(ml["test"][0])
     yva, yte = ml["val"][1], ml["test"][1]
 
-    def test_counts(**thr):
-        return fusedloss.binary_cross_entropy_with_logits(zte, yte, return_counts=True,
+    def counts(z, y, **thr):
+        return fusedloss.binary_cross_entropy_with_logits(z, y, return_counts=True,
                                                           backend=backend, **thr).counts
 
     hist = ThresholdHistogram(NUM_CLASSES, bins=hist_bins, range=(-16.0, 16.0))
     for chunk in torch.arange(len(zva)).split(256):  # as if streamed batch by batch
         hist.update(zva[chunk], yva[chunk])
-    rows = {
-        "0.5": test_counts(threshold=0.5),
-        "tuned per-class": test_counts(
-            logit_threshold=tune_thresholds(zva, yva, "f1").logit_threshold),
-        "tuned micro": test_counts(
-            logit_threshold=tune_thresholds(zva, yva, "f1", average="micro").logit_threshold),
-        f"histogram ({hist_bins} bins)": test_counts(logit_threshold=hist.tune("f1")
-                                                     .logit_threshold),
-    }
-    # On the validation data itself (in-sample: what tuning promises before it generalises).
-    val = lambda **thr: fusedloss.binary_cross_entropy_with_logits(
-        zva, yva, return_counts=True, backend=backend, **thr).counts
-    rows[VAL_PREFIX + "0.5"] = val(threshold=0.5)
-    rows[VAL_PREFIX + "tuned per-class"] = val(
-        logit_threshold=tune_thresholds(zva, yva, "f1").logit_threshold)
-    return {k: dict(zip(("micro_f1", "macro_f1"), f1s(c), strict=True)) for k, c in rows.items()}
-
-
-# ----------------------------------------------------------------------------- report
-def mean_std(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
-
-
-def fmt(values, scale=1.0, digits=2, sign=False):
-    m, s = mean_std([v * scale for v in values])
-    return f"{m:{'+' if sign else ''}.{digits}f} ± {s:.{digits}f}"
-
-
-def plot(mc, mlres, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ncols = 1 + (len(mlres) + 1) // 2
-    fig, grid = plt.subplots(2, ncols, figsize=(5.0 * ncols, 8.0), squeeze=False)
-    metrics = [("accuracy", "test accuracy"), ("nll", "test NLL"), ("ece", "test ECE")]
-    ax = grid[0][0]
-    width = 0.35
-    for j, name in enumerate(("ce", "bce")):
-        means = [mean_std([r[name][m] for r in mc])[0] for m, _ in metrics]
-        stds = [mean_std([r[name][m] for r in mc])[1] for m, _ in metrics]
-        ax.bar([i + (j - 0.5) * width for i in range(3)], means, width, yerr=stds, capsize=3,
-               label={"ce": "softmax CE", "bce": "sigmoid BCE"}[name])
-    ax.set_xticks(range(3), [label for _, label in metrics])
-    ax.set_title(f"multi-class digits ({len(mc)} seeds)")
-    ax.legend()
-    # Reliability diagram, pooled over seeds: accuracy against mean confidence per bin.
-    ax = grid[1][0]
-    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls=":")
-    for name, label in (("ce", "softmax CE"), ("bce", "sigmoid BCE, normalised")):
-        n, acc, conf = (torch.tensor([r[name]["reliability"][i] for r in mc]).sum(0)
-                        for i in range(3))
-        keep = n > 0
-        ax.plot((conf / n.clamp(min=1))[keep], (acc / n.clamp(min=1))[keep], "o-", label=label)
-    ax.set_xlabel("mean confidence in bin")
-    ax.set_ylabel("accuracy in bin")
-    ax.set_title("multi-class reliability (test, all seeds)")
-    ax.legend(loc="lower right")
-    ml_axes = [grid[r][c] for c in range(1, ncols) for r in range(2)]
-    for ax in ml_axes[len(mlres):]:
-        ax.axis("off")
-    for ax, (setting, runs) in zip(ml_axes, mlres.items(), strict=False):
-        methods = [k for k in runs[0] if not k.startswith(VAL_PREFIX)]
-        for j, metric in enumerate(("micro_f1", "macro_f1")):
-            means = [mean_std([r[k][metric] for r in runs])[0] for k in methods]
-            stds = [mean_std([r[k][metric] for r in runs])[1] for k in methods]
-            ax.bar([i + (j - 0.5) * width for i in range(len(methods))], means, width,
-                   yerr=stds, capsize=3, label=metric.replace("_", " "))
-        ax.set_xticks(range(len(methods)), methods, rotation=15, fontsize=8)
-        lo = min(mean_std([r[k][m] for r in runs])[0] for k in methods
-                 for m in ("micro_f1", "macro_f1"))
-        ax.set_ylim(max(0.0, lo - 0.05), 1.0)
-        ax.set_title(f"multi-label, {setting}: test F1", fontsize=10)
-    handles, labels = ml_axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", ncol=2, title="multi-label panels")
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tuned = {"tuned per-class": tune_thresholds(zva, yva, "f1"),
+             "tuned micro": tune_thresholds(zva, yva, "f1", average="micro"),
+             "tuned micro-per-class": tune_thresholds(zva, yva, "f1", average="micro_per_class"),
+             f"histogram ({hist_bins} bins)": hist.tune("f1")}
+    rows = {"0.5": counts(zte, yte, threshold=0.5)}
+    rows.update({k: counts(zte, yte, logit_threshold=t.logit_threshold)
+                 for k, t in tuned.items()})
+    # On the validation data itself (in-sample: what tuning promises before it generalises),
+    # and cross-validated within it (an estimate of the test rows from validation alone).
+    rows[VAL_PREFIX + "0.5"] = counts(zva, yva, threshold=0.5)
+    for k in ("tuned per-class", "tuned micro-per-class"):
+        rows[VAL_PREFIX + k] = tuned[k].counts
+    folds = torch.randint(0, CV_FOLDS, (len(zva),), generator=g)
+    rows[f"val, {CV_FOLDS}-fold CV: tuned per-class"] = cross_validate_thresholds(
+        zva, yva, folds, "f1").counts
+    boot = bootstrap_thresholds(zva, yva, "f1", resamples=resamples, seed=seed)
+    detail = {"positives": boot.positives.tolist(),
+              "threshold": boot.tuned.threshold.tolist(),
+              "threshold_lo": boot.threshold[0].tolist(),
+              "threshold_hi": boot.threshold[1].tolist(),
+              "logit_lo": boot.logit_threshold[0].tolist(),
+              "logit_hi": boot.logit_threshold[1].tolist(),
+              "val_f1": boot.tuned.score.tolist(),
+              "val_f1_lo": boot.score[0].tolist(), "val_f1_hi": boot.score[1].tolist(),
+              "oob_f1": boot.out_of_bag_score.tolist(),
+              "test_f1": per_class_f1(rows["tuned per-class"]),
+              "test_f1_half": per_class_f1(rows["0.5"])}
+    f1 = {k: dict(zip(("micro_f1", "macro_f1"), f1s(c), strict=True)) for k, c in rows.items()}
+    return f1, detail
 
 
 def main(argv=None):
@@ -304,6 +270,7 @@ def main(argv=None):
     sizes = ({"train": 1500, "val": 500, "test": 500} if args.quick
              else {"train": 8000, "val": 2000, "test": 3000})
     hist_bins = 512
+    resamples = 50 if args.quick else 200
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
 
@@ -311,53 +278,38 @@ def main(argv=None):
     mc = [multiclass_run(data, s, epochs, args.backend) for s in range(seeds)]
     # Two label distributions x two training budgets: tuning matters when the scores are
     # miscalibrated (under-trained), much less for a well-trained, calibrated model.
-    mlres = {f"{setting} digits, {ep} epochs":
-             [multilabel_run(data, s, ep, sizes, skew, args.backend, hist_bins)
-              for s in range(seeds)]
-             for setting, skew in (("uniform", None), ("skewed", 0.7))
-             for ep in (short, epochs)}
+    mlres, mldetail = {}, {}
+    for setting, skew in (("uniform", None), ("skewed", 0.7)):
+        for ep in (short, epochs):
+            runs = [multilabel_run(data, s, ep, sizes, skew, args.backend, hist_bins, resamples)
+                    for s in range(seeds)]
+            key = f"{setting} digits, {ep} epochs"
+            mlres[key], mldetail[key] = [r[0] for r in runs], [r[1] for r in runs]
     elapsed = time.time() - t0
+
+    import ce_vs_bce_report as report  # next to this script (run it as a script)
 
     lines = [f"Command: python examples/ce_vs_bce.py{' --quick' if args.quick else ''}"
              f" (seeds {seeds}, epochs {epochs} / {short}, backend {args.backend} -> "
              f"{fusedloss.resolve_backend(args.backend, 'cpu')}, "
-             f"{args.threads} threads, {elapsed:.0f} s)",
+             f"{args.threads} threads, {resamples} bootstrap resamples, {elapsed:.0f} s)",
              f"Machine: {platform.machine()} {platform.processor() or ''} "
-             f"{os.cpu_count()} cores, torch {torch.__version__}",
-             "",
-             "Multi-class digits (test split, 360 images; mean ± std over seeds):",
-             "",
-             "| loss | accuracy % | NLL | ECE % | 1 label at 0.5 % |",
-             "|---|---|---|---|---|"]
-    for name, label in (("ce", "softmax CE"), ("bce", "sigmoid BCE (sigmoids normalised)")):
-        lines.append(f"| {label} | {fmt([r[name]['accuracy'] for r in mc], 100)} | "
-                     f"{fmt([r[name]['nll'] for r in mc], 1, 3)} | "
-                     f"{fmt([r[name]['ece'] for r in mc], 100)} | "
-                     f"{fmt([r[name]['one_label'] for r in mc], 100, 1)} |")
+             f"{os.cpu_count()} cores, torch {torch.__version__}", ""]
+    lines += report.multiclass_table(mc)
     for setting, runs in mlres.items():
-        lines += ["", f"Multi-label, {setting} (BCE; {sizes['test']} test samples, "
-                  f"thresholds tuned on {sizes['val']} validation samples):", "",
-                  "| decoding | micro F1 % | Δ micro vs 0.5 | macro F1 % | Δ macro vs 0.5 |",
-                  "|---|---|---|---|---|"]
-        for k in runs[0]:
-            # Paired differences: every decoding of a seed uses the same model and data.
-            base = VAL_PREFIX + "0.5" if k.startswith(VAL_PREFIX) else "0.5"
-            cells = []
-            for m in ("micro_f1", "macro_f1"):
-                cells.append(fmt([r[k][m] for r in runs], 100))
-                cells.append("" if k == base else
-                             fmt([r[k][m] - r[base][m] for r in runs], 100, sign=True))
-            lines.append(f"| {k} | " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
-    print(table)
-    png = os.path.join(args.out, "ce_vs_bce.png")
-    plot(mc, mlres, png)
+        lines += report.multilabel_table(setting, runs, sizes)
+    for setting, runs in mldetail.items():
+        lines += report.intervals_table(setting, runs)
+    print("\n".join(lines))
+    pngs = [os.path.join(args.out, name) for name in ("ce_vs_bce.png", "thresholds.png")]
+    report.plot(mc, mlres, pngs[0])
+    report.plot_thresholds(mldetail, pngs[1])
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"multiclass": mc, "multilabel": mlres, "seeds": seeds,
-                   "epochs": epochs, "short_epochs": short,
-                   "sizes": sizes, "seconds": elapsed}, f, indent=1)
-    print(f"\nwrote {png}")
-    return mc, mlres
+        json.dump({"multiclass": mc, "multilabel": mlres, "multilabel_classes": mldetail,
+                   "seeds": seeds, "epochs": epochs, "short_epochs": short, "sizes": sizes,
+                   "resamples": resamples, "seconds": elapsed}, f, indent=1)
+    print(f"\nwrote {' and '.join(pngs)}")
+    return mc, mlres, mldetail
 
 
 if __name__ == "__main__":

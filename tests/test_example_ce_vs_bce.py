@@ -32,12 +32,14 @@ def test_quick_mode_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert elapsed < 60, f"--quick took {elapsed:.0f} s"
     out = proc.stdout
-    for needle in ("softmax CE", "sigmoid BCE", "tuned per-class", "micro F1", "macro F1"):
+    for needle in ("softmax CE", "sigmoid BCE", "tuned per-class", "micro F1", "macro F1",
+                   "tuned micro-per-class", "5-fold CV", "90% interval"):
         assert needle in out
-    png = tmp_path / "ce_vs_bce.png"
-    assert png.stat().st_size > 10_000
-    with open(png, "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for name in ("ce_vs_bce.png", "thresholds.png"):
+        png = tmp_path / name
+        assert png.stat().st_size > 10_000
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     res = json.loads((tmp_path / "results.json").read_text())
     for run in res["multiclass"]:
         for name in ("ce", "bce"):
@@ -50,15 +52,28 @@ def test_quick_mode_end_to_end(tmp_path):
     for runs in res["multilabel"].values():
         assert len(runs) == res["seeds"]
         for run in runs:
-            assert {"0.5", "tuned per-class", "tuned micro"} <= set(run)
+            assert {"0.5", "tuned per-class", "tuned micro", "tuned micro-per-class",
+                    "val, 5-fold CV: tuned per-class"} <= set(run)
             for v in run.values():
                 assert 0 <= v["micro_f1"] <= 1 and 0 <= v["macro_f1"] <= 1
     # In-sample, the tuned per-class thresholds can only match or beat 0.5 on macro F1 (each
     # class's F1 is maximised exactly on that data).
+    # Likewise the jointly tuned per-class thresholds maximise micro F1 over every choice of
+    # per-class thresholds on that data: the per-class tuned ones and 0.5 included.
     for runs in res["multilabel"].values():
         for run in runs:
-            assert (run["val, in-sample: tuned per-class"]["macro_f1"]
-                    >= run["val, in-sample: 0.5"]["macro_f1"] - 1e-12)
+            prefix = "val, in-sample: "
+            val = {k[len(prefix):]: v for k, v in run.items() if k.startswith(prefix)}
+            assert val["tuned per-class"]["macro_f1"] >= val["0.5"]["macro_f1"] - 1e-12
+            for other in ("tuned per-class", "0.5"):
+                assert val["tuned micro-per-class"]["micro_f1"] >= val[other]["micro_f1"] - 1e-12
+    # Bootstrap intervals: ordered, within [0, 1] in probability, one per class.
+    for runs in res["multilabel_classes"].values():
+        for run in runs:
+            lo, hi = torch.tensor(run["threshold_lo"]), torch.tensor(run["threshold_hi"])
+            assert lo.shape == (10,) and bool(((0 <= lo) & (lo <= hi) & (hi <= 1)).all())
+            assert bool((torch.tensor(run["val_f1_lo"]) <= torch.tensor(run["val_f1_hi"])).all())
+            assert sum(run["positives"]) > 0
 
 
 def test_multilabel_data_labels_match_the_images():
