@@ -249,7 +249,7 @@ def multilabel_run(data, seed: int, epochs: int, sizes: dict, skew, backend: str
     return f1, detail
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, 2 seeds (< 1 min)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds (default 5, quick 2)")
@@ -262,7 +262,11 @@ def main(argv=None):
     # One thread: these matrices are tiny, and on a shared 2-core machine two OpenMP threads
     # ran an MLP step 20x slower than one (29 ms vs 1.3 ms, measured here under load).
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = args.seeds or (2 if args.quick else 5)
     epochs = args.epochs or (6 if args.quick else 40)
