@@ -1,0 +1,105 @@
+"""Causal LMs patched by fusedloss.integrations.transformers.apply against stock transformers:
+the loss and every parameter gradient (fp32), the outputs, generation."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fusedloss.integrations.transformers as flt  # noqa: E402
+from test_hf_models import (  # noqa: E402
+    CAUSAL_FAMILIES,
+    VOCAB,
+    assert_same_training_signal,
+    causal_pair,
+    labels_for,
+)
+
+
+@pytest.mark.parametrize("linear", [True, False], ids=["linear", "logits"])
+@pytest.mark.parametrize("family", sorted(CAUSAL_FAMILIES))
+def test_loss_and_gradients_match_stock(family, linear):
+    stock, model = causal_pair(family)
+    flt.apply(model, linear=linear)
+    x = torch.randint(0, VOCAB, (3, 11))
+    labels = labels_for(x)
+    ref, out = assert_same_training_signal(stock, model, input_ids=x, labels=labels)
+    if linear:
+        assert out.logits is None
+    else:
+        torch.testing.assert_close(out.logits, ref.logits)
+    # num_items_in_batch: the summed loss divided by it (gradient accumulation's convention)
+    n = torch.tensor(37)
+    assert_same_training_signal(stock, model, input_ids=x, labels=labels, num_items_in_batch=n)
+
+
+@pytest.mark.parametrize("linear", [True, False], ids=["linear", "logits"])
+def test_attention_mask_shift_labels_and_ignore_index(linear):
+    stock, model = causal_pair("llama")
+    flt.apply(model, linear=linear)
+    x = torch.randint(0, VOCAB, (2, 9))
+    mask = torch.ones_like(x)
+    mask[1, 6:] = 0  # right padding
+    labels = labels_for(x).masked_fill(mask == 0, -100)
+    assert_same_training_signal(stock, model, input_ids=x, attention_mask=mask, labels=labels)
+    # pre-shifted labels (padding-free collators) and a custom ignore index
+    shifted = torch.randint(0, VOCAB, (2, 9))
+    shifted[:, -1] = 5
+    assert_same_training_signal(stock, model, input_ids=x, labels=x, shift_labels=shifted,
+                                 ignore_index=5, num_items_in_batch=torch.tensor(11))
+
+
+def test_softcap_is_applied():
+    """Gemma-2's final-logit softcap changes the loss in this set-up, and the patched model
+    follows the config (the parity test above would catch a softcap ignored or misapplied)."""
+    stock, model = causal_pair("gemma2")
+    flt.apply(model)
+    x = torch.randint(0, VOCAB, (2, 8))
+    capped = model(input_ids=x, labels=x).loss
+    stock.config.final_logit_softcapping = None
+    model.config.final_logit_softcapping = None
+    uncapped = model(input_ids=x, labels=x).loss
+    torch.testing.assert_close(uncapped, stock(input_ids=x, labels=x).loss)
+    assert abs(capped.item() - uncapped.item()) > 1e-2
+
+
+def test_tuple_output_and_positional_labels():
+    stock, model = causal_pair("llama")
+    flt.apply(model)
+    x = torch.randint(0, VOCAB, (2, 7))
+    ref = stock(input_ids=x, labels=x, return_dict=False)
+    out = model(input_ids=x, labels=x, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], ref[0])
+    assert len(out) == len(ref) - 1  # no logits in the tuple
+    # LlamaForCausalLM.forward(input_ids, attention_mask, position_ids, cache, inputs_embeds,
+    # labels, ...): labels as the sixth positional argument
+    out = model(x, None, None, None, None, x)
+    torch.testing.assert_close(out.loss, ref[0])
+    assert out.logits is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gpt2"])
+def test_without_labels_and_generation_unchanged(family):
+    stock, model = causal_pair(family)
+    flt.apply(model)
+    x = torch.randint(1, VOCAB, (2, 5))
+    mask = torch.ones_like(x)
+    with torch.no_grad():
+        ref = stock(input_ids=x, attention_mask=mask)
+        out = model(input_ids=x, attention_mask=mask)
+    assert out.loss is None
+    assert torch.equal(out.logits, ref.logits)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(x, **kw), stock.generate(x, **kw))
+
+
+def test_gradient_checkpointing_training_mode():
+    """Training mode with gradient checkpointing (dropout 0 in these configs)."""
+    stock, model = causal_pair("qwen2")
+    for m in (stock, model):
+        m.train()
+        m.gradient_checkpointing_enable()
+    flt.apply(model)
+    x = torch.randint(0, VOCAB, (2, 9))
+    assert_same_training_signal(stock, model, input_ids=x, labels=labels_for(x))
