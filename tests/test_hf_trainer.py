@@ -1,5 +1,5 @@
 """transformers.Trainer with gradient accumulation over padded batches: a fusedloss-patched model
-logs the same losses and ends with the same weights as the stock one."""
+logs the same losses, ends with the same weights and evaluates to the same loss as the stock one."""
 
 import pytest
 import torch
@@ -41,10 +41,11 @@ def _train(model, tmp_path):
         report_to=[], save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True,
         dataloader_num_workers=0)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=_dataset(),
-                                   data_collator=_collate)
+                                   eval_dataset=_dataset(5), data_collator=_collate)
     assert trainer.model_accepts_loss_kwargs  # so num_items_in_batch reaches the loss
     trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses + [trainer.evaluate()["eval_loss"]]
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,7 @@ def test_trainer_gradient_accumulation_matches_stock(tmp_path, stock_run, linear
     _, model = causal_pair("llama")
     flt.apply(model, linear=linear)
     got = _train(model, tmp_path)
-    assert len(ref) == 3
+    assert len(ref) == 4  # 3 training steps, then the evaluation loss
     torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, ref_params[name], rtol=1e-4, atol=1e-5,
