@@ -147,7 +147,8 @@ def markdown(args, rows: list[dict]) -> str:
              + (f" = {100 * logits_mb * 2**20 / stock['peak_bytes']:.0f}% of the stock "
                 f"step's peak (the logits' share)" if stock and stock["peak_bytes"] else ""),
              "", "| variant | median step ms | IQR ms | step peak MiB | time vs stock | "
-             "peak vs stock | peak saved / logits | first loss |", "|---|---|---|---|---|---|---|---|"]
+             "peak vs stock | peak saved / logits | first loss |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['variant']} | ERROR: {r['error'][0]} | | | | | | |")
