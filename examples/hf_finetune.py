@@ -61,7 +61,7 @@ def train(variant: str, steps: int, batch: int, seq: int) -> dict:
         import fusedloss.integrations.transformers as flt
 
         flt.apply(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses, t0 = [], time.perf_counter()
     for ids, labels in toy_batches(steps, batch, seq, VOCAB):
         out = model(input_ids=ids, labels=labels)

@@ -99,7 +99,7 @@ def test_gradient_checkpointing_training_mode():
     stock, model = causal_pair("qwen2")
     for m in (stock, model):
         m.train()
-        m.gradient_checkpointing_enable()
+        m.activation_checkpointing_enable()
     flt.apply(model)
     x = torch.randint(0, VOCAB, (2, 9))
     assert_same_training_signal(stock, model, input_ids=x, labels=labels_for(x))
