@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import fusedloss
 from fusedloss import distributed as D
+from fusedloss.distributed import _collectives, _function
 
 GROUP_TIMEOUT = 90.0  # seconds for a whole group (all cases); a hang fails the items
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=20)  # gloo: a stuck collective raises
@@ -203,12 +204,12 @@ def lm_layout_batch_seq(rank, world, backend):
 @case
 def accelerator_backward_path(rank, world, backend):
     # the backward used for CUDA tensors (exp(z - lse), no host sync), run on the CPU
-    D._CPU_SOFTMAX_BACKWARD = False
+    cpu = _function.PROBS_BY_DEVICE.pop("cpu")
     try:
         for red in ("none", "mean"):
             _run_case(rank, world, backend, weight=True, eps=0.1, s=1e-2, reduction=red)
     finally:
-        D._CPU_SOFTMAX_BACKWARD = True
+        _function.PROBS_BY_DEVICE["cpu"] = cpu
 
 
 @case
@@ -221,18 +222,18 @@ def fp64_path(rank, world, backend):
 def one_collective_without_validation(rank, world, backend, monkeypatch=None):
     # validate=False with the layout given: exactly 1 all_gather forward, none backward
     calls = []
-    orig = D._all_gather
+    orig = _collectives.all_gather
 
     def counting(out, inp, group):
         calls.append(inp.numel())
         orig(out, inp, group)
 
-    D._all_gather = counting
+    _collectives.all_gather = counting
     try:
         _run_case(rank, world, backend, weight=True, eps=0.1, s=1e-2, reduction="sum",
                   decode=True, validate=False, pass_layout=True)
     finally:
-        D._all_gather = orig
+        _collectives.all_gather = orig
     # the packed statistics: 5 rows of N floats + (start, size) as int64 bits (4 floats)
     assert calls == [5 * N + 4], calls
 
@@ -297,13 +298,13 @@ def subgroup_only(rank, world, backend):
     if rank not in members:
         return
     seen = []
-    orig = D._all_gather
+    orig = _collectives.all_gather
 
     def recording(out, inp, group):
         seen.append(group)
         orig(out, inp, group)
 
-    D._all_gather = recording
+    _collectives.all_gather = recording
     try:
         sub_rank = members.index(rank)
         x, t, w = _data()
@@ -313,7 +314,7 @@ def subgroup_only(rank, world, backend):
                               label_smoothing=0.1, backend=backend, return_decoding=True)
         out.loss.backward()
     finally:
-        D._all_gather = orig
+        _collectives.all_gather = orig
     assert seen and all(g is sub for g in seen), seen
     ref_loss, ref_grad = _oracle(x, t, w, "mean", 0.1, 0.0, torch.tensor(1.0))
     torch.testing.assert_close(out.loss.double(), ref_loss, **F32)
