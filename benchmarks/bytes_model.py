@@ -1,13 +1,14 @@
 """The least data each op must move: every input read once, every output written once.
 
 Time over these bytes at the copy bandwidth measured in the same run is the figure of merit
-("x ideal" in the report; issue 2 asks for <= 1.15). Scalars (the reduced loss) are ignored.
+("x ideal" in the report: 1.0 would be a kernel as fast as a copy of the same bytes). Scalars
+(the reduced loss) are ignored. Both training passes (fwd+bwd, fwd+autograd) move the same bytes.
 
 softmax_ce  fwd      R*C*isz (logits) + R*8 (int64 targets)
-            fwd+bwd  2*R*C*isz (logits read, gradient written) + R*8
+            train    2*R*C*isz (logits read, gradient written) + R*8
             decode   + R*(8 + 4 + 1): pred int64, confidence fp32, correct bool
 sigmoid_bce fwd      R*C*(isz + tsz) (logits, targets; tsz = 1 for uint8/bool targets)
-            fwd+bwd  R*C*(2*isz + tsz)
+            train    R*C*(2*isz + tsz)
             decode   + R*C (labels, bool) + 3*C*8 (TP/FP/FN counts, int64)
 """
 
@@ -33,6 +34,19 @@ def op_bytes(case: Case, target_itemsize: int | None = None) -> int:
     if case.decode:
         n += R * C + 3 * C * INT64
     return n
+
+
+FORMULA = {
+    ("softmax_ce", False): "R*C*isz + R*8",
+    ("softmax_ce", True): "2*R*C*isz + R*8",
+    ("sigmoid_bce", False): "R*C*(isz + target isz)",
+    ("sigmoid_bce", True): "R*C*(2*isz + target isz)",
+}
+
+
+def formula(case: Case) -> str:
+    """The bytes model of `case` as a formula, for the report."""
+    return FORMULA[(case.op, case.backward)] + (" + decodings" if case.decode else "")
 
 
 def copy_bytes(nbytes: int) -> int:

@@ -8,8 +8,8 @@ autograd of the float64 loss with the same mean denominator.
 Errors are relative: loss |l - r| / max(|r|, 1); gradient max_i |g_i - r_i| / (|r_i| + 1e-3
 max|r|). fp32/fp64 must be within a fixed tolerance; bf16/fp16 within a fixed tolerance or
 twice torch's own error on the same input, whichever is larger (torch's bf16 log_softmax
-rounds its output, so its gradient is a few % off in relative terms; DESIGN.md: low
-precision must be no further from float64 than torch is, times a small factor).
+rounds its output, so its gradient is a few % off in relative terms: a low-precision result
+must be no further from float64 than torch's, times a small factor).
 Decodings: pred must hit a row maximum exactly (ties may go either way only if equal),
 confidence within 1e-3 relative of exp(max - lse), correct == (pred == target), labels exactly
 x > 0, counts exactly.

@@ -2,10 +2,13 @@
 each must pass before it is timed.
 
 Every provider is a function of the same inputs returning `Out(loss, grad, decodings)`:
-- fwd:     the loss (and decodings); the logits do not require grad.
-- fwd+bwd: the loss, then `torch.autograd.grad(loss, logits)`, as for logits inside a
-  network: the gradient is a fresh tensor handed to the layer below, never accumulated into
-  a `.grad` (accumulating would add a read-modify-write of a logits-sized buffer per call).
+- fwd:          the loss (and decodings); the logits do not require grad.
+- fwd+bwd:      the loss, then `loss.backward()` into the logits, a leaf whose `.grad` is None
+                before the call (as after `optimizer.zero_grad()`): what a training loop does.
+                The gradient is taken out of `.grad` and returned, so it is freed inside the
+                timed call like every other output.
+- fwd+autograd: the loss, then `torch.autograd.grad(loss, logits)`, as for logits inside a
+                network: the gradient is a fresh tensor handed to the layer below.
 
 Providers: each built fusedloss backend through the public API (docs/API.md), eager torch,
 torch.compile of the eager function, Liger-Kernel's cross entropy and quack's (GPU only).
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from cases import Case
 
 # Under TRITON_INTERPRET=1 the triton backend runs on CPU tensors, slowly (64x1000 fp32 takes
-# 0.3-1.6 s, ../ENVIRONMENT.md): only cases this small are given to it.
+# 0.3-1.6 s a call on a 2-core x86_64 CPU): only cases this small are given to it.
 TRITON_INTERPRET_MAX_NUMEL = 1 << 16
 
 
@@ -119,8 +122,14 @@ class Provider:
         return self.name + "".join(f" [{t}]" for t in tags)
 
 
-def _run(call, x, tgt, backward: bool) -> Callable[[], Out]:
-    if backward:
+def _run(call, x, tgt, pass_: str) -> Callable[[], Out]:
+    if pass_ == "fwd+bwd":
+        def fn():
+            loss, dec = call(x, tgt)
+            loss.backward()
+            grad, x.grad = x.grad, None
+            return Out(loss.detach(), grad, dec)
+    elif pass_ == "fwd+autograd":
         def fn():
             loss, dec = call(x, tgt)
             (grad,) = torch.autograd.grad(loss, x)
@@ -148,7 +157,7 @@ def eager_provider(case: Case) -> Provider:
     kind = "int64" if case.op == "softmax_ce" else "float"
 
     def make(inp):
-        return Runner(_run(_eager_fn(case, kind), inp.x, inp.target, case.backward))
+        return Runner(_run(_eager_fn(case, kind), inp.x, inp.target, case.pass_))
     return Provider("eager", kind, make)
 
 
@@ -156,7 +165,7 @@ def compile_provider(case: Case, kind: str) -> Provider:
     def make(inp):
         torch._dynamo.reset()  # a fresh cache per case: no recompile limits, no dynamic shapes
         compiled = torch.compile(_eager_fn(case, kind), dynamic=False)
-        return Runner(_run(compiled, inp.x, _targets(inp, kind), case.backward),
+        return Runner(_run(compiled, inp.x, _targets(inp, kind), case.pass_),
                       note="mode=default")
     return Provider("compile", kind, make)
 
@@ -169,7 +178,7 @@ def _restoring(case: Case, inp: Inputs, call, note: str) -> Runner:
     def restore():
         with torch.no_grad():
             work.copy_(inp.x)
-    return Runner(_run(call, work, inp.target, case.backward), setup=restore,
+    return Runner(_run(call, work, inp.target, case.pass_), setup=restore,
                   note="input restored before each call (untimed)" + note)
 
 
@@ -195,7 +204,7 @@ def fusedloss_provider(case: Case, backend: str, kind: str, inplace: bool = Fals
     def make(inp):
         if inplace:  # the gradient overwrites the logits: no logits-sized allocation
             return _restoring(case, inp, call, "")
-        return Runner(_run(call, inp.x, _targets(inp, kind), case.backward))
+        return Runner(_run(call, inp.x, _targets(inp, kind), case.pass_))
     return Provider(f"fusedloss-{backend}", kind, make, variant="inplace" if inplace else "")
 
 
@@ -223,7 +232,7 @@ def quack_provider(case: Case) -> Provider:
 
     def make(inp):
         return Runner(_run(lambda x, t: (quack_ce(x, t, reduction="mean"), {}), inp.x,
-                           inp.target, case.backward))
+                           inp.target, case.pass_))
     return Provider("quack", "int64", make)
 
 
@@ -236,27 +245,19 @@ def _importable(module: str) -> str:
         return f"{type(e).__name__}: {e}".splitlines()[0][:120]
 
 
-def providers_for(case: Case, device: torch.device) -> tuple[list[Provider], list[tuple]]:
-    """The providers to run on `case`, and (name, reason) for those skipped."""
-    provs: list[Provider] = [eager_provider(case)]
-    skipped: list[tuple] = []
-    provs.append(compile_provider(case, "int64" if case.op == "softmax_ce" else "float"))
-    if case.op == "sigmoid_bce":
-        provs.append(compile_provider(case, "uint8"))
-
+def _fusedloss_providers(case: Case, device: torch.device, interp: bool
+                         ) -> tuple[list[Provider], list[tuple]]:
+    """One provider per usable fusedloss backend (plus its in-place and uint8-target rows)."""
     import fusedloss
 
-    have_api = hasattr(fusedloss, "cross_entropy") and hasattr(
-        fusedloss, "binary_cross_entropy_with_logits")
+    provs: list[Provider] = []
+    skipped: list[tuple] = []
     backends = fusedloss.available_backends(device)
-    interp = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type == "cpu" and interp and "triton" not in backends and "triton" in _registered():
         backends.append("triton")  # the interpreter runs it on CPU tensors
+    kind = "int64" if case.op == "softmax_ce" else "float"
     for b in backends:
         name = f"fusedloss-{b}"
-        if not have_api:
-            skipped.append((name, "fusedloss.cross_entropy is not in this checkout yet"))
-            continue
         if b == "triton" and device.type == "cpu":
             if not interp:
                 skipped.append((name, "Triton on CPU needs TRITON_INTERPRET=1"))
@@ -265,7 +266,6 @@ def providers_for(case: Case, device: torch.device) -> tuple[list[Provider], lis
                 skipped.append((name, f"interpreter: only cases up to "
                                       f"{TRITON_INTERPRET_MAX_NUMEL} elements"))
                 continue
-        kind = "int64" if case.op == "softmax_ce" else "float"
         provs.append(fusedloss_provider(case, b, kind))
         if case.op == "softmax_ce" and case.backward:
             provs.append(fusedloss_provider(case, b, kind, inplace=True))
@@ -274,25 +274,47 @@ def providers_for(case: Case, device: torch.device) -> tuple[list[Provider], lis
     for name in ("native", "triton"):
         if name not in backends:
             skipped.append((f"fusedloss-{name}", _unavailable_reason(name, device)))
-
-    if case.op == "softmax_ce":
-        for name, module, build in (("liger", "liger_kernel.transformers.functional",
-                                     liger_provider),
-                                    ("quack", "quack.cross_entropy", quack_provider)):
-            if device.type != "cuda" and not (name == "liger" and interp
-                                              and case.numel <= TRITON_INTERPRET_MAX_NUMEL):
-                skipped.append((name, "GPU only (liger: or tiny cases under TRITON_INTERPRET=1)"
-                                 if name == "liger" else "GPU only"))
-                continue
-            if name == "quack" and case.decode:
-                skipped.append((name, "computes no decodings"))
-                continue
-            why = _importable(module)
-            if why:
-                skipped.append((name, f"not importable ({why})"))
-                continue
-            provs.append(build(case))
     return provs, skipped
+
+
+_EXTERNAL = (("liger", "liger_kernel.transformers.functional", liger_provider),
+             ("quack", "quack.cross_entropy", quack_provider))
+
+
+def _external_providers(case: Case, device: torch.device, interp: bool
+                        ) -> tuple[list[Provider], list[tuple]]:
+    """Liger's and quack's cross entropy (softmax CE only), where they can run."""
+    provs: list[Provider] = []
+    skipped: list[tuple] = []
+    if case.op != "softmax_ce":
+        return provs, skipped
+    for name, module, build in _EXTERNAL:
+        if device.type != "cuda" and not (name == "liger" and interp
+                                          and case.numel <= TRITON_INTERPRET_MAX_NUMEL):
+            skipped.append((name, "GPU only (liger: or tiny cases under TRITON_INTERPRET=1)"
+                             if name == "liger" else "GPU only"))
+            continue
+        if name == "quack" and case.decode:
+            skipped.append((name, "computes no decodings"))
+            continue
+        why = _importable(module)
+        if why:
+            skipped.append((name, f"not importable ({why})"))
+            continue
+        provs.append(build(case))
+    return provs, skipped
+
+
+def providers_for(case: Case, device: torch.device) -> tuple[list[Provider], list[tuple]]:
+    """The providers to run on `case`, and (name, reason) for those skipped."""
+    provs: list[Provider] = [eager_provider(case)]
+    provs.append(compile_provider(case, "int64" if case.op == "softmax_ce" else "float"))
+    if case.op == "sigmoid_bce":
+        provs.append(compile_provider(case, "uint8"))
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    ours, skipped = _fusedloss_providers(case, device, interp)
+    theirs, skipped_theirs = _external_providers(case, device, interp)
+    return provs + ours + theirs, skipped + skipped_theirs
 
 
 def _registered() -> list[str]:

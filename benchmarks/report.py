@@ -14,13 +14,17 @@ from pathlib import Path
 
 import torch
 
+from cases import PASSES
+
 REPO = Path(__file__).resolve().parent.parent
 THP_VAR = "THP_MEM_ALLOC_ENABLE"
 
 
 def thp_setting() -> str:
     """PyTorch's CPU allocator asks for transparent huge pages when THP_MEM_ALLOC_ENABLE=1
-    (read once, at startup); it changes CPU timings several-fold (ENVIRONMENT.md)."""
+    (read once, at startup). It changes CPU timings several-fold: under the kernel's
+    transparent_hugepage=madvise mode, a fresh logits-sized buffer is otherwise faulted in
+    4 KiB page by page."""
     return "1" if os.environ.get(THP_VAR) == "1" else "0"
 
 
@@ -86,7 +90,14 @@ def _case_key(r: dict) -> tuple:
     return (r["op"], r["pass"], r["dtype"], r["rows"], r["classes"], r["decode"])
 
 
-def markdown(rows: list[dict], envs: list[dict], skipped: dict, title: str) -> str:
+PASS_NOTE = ("fwd+bwd = loss, then loss.backward() into the logits (a leaf; the gradient "
+             "lands in .grad, as in a training loop); fwd+autograd = loss, then "
+             "torch.autograd.grad(loss, logits) (a fresh gradient, as for logits inside a "
+             "network); x ideal = time / (bytes model at the copy bandwidth measured in this "
+             "run); vs eager = eager time / time")
+
+
+def _preamble(rows: list[dict], envs: list[dict], title: str) -> list[str]:
     env = envs[0] if envs else {}
     thps = sorted({e["thp"] for e in envs})
     lines = [f"# fusedloss benchmark: {title}", ""]
@@ -99,53 +110,85 @@ def markdown(rows: list[dict], envs: list[dict], skipped: dict, title: str) -> s
                  + " (1: PyTorch asks for transparent huge pages; matters on CPU)")
     if rows:
         lines.append(f"- timing: {rows[0]['timing']}; memory: {rows[0]['mem_method']}")
-    lines.append("- fwd+bwd = loss, then torch.autograd.grad(loss, logits) (a fresh gradient, "
-                 "as for logits inside a network); x ideal = time / (bytes model at the copy "
-                 "bandwidth measured in this run); vs eager = eager time / time")
+    lines.append(f"- {PASS_NOTE}")
     lines.append("")
+    return lines
+
+
+_HEAD = ["median ms", "IQR ms", "GB/s", "% copy BW", "x ideal", "vs eager", "peak MB",
+         "err loss/grad", "status / notes"]
+
+
+def _row_cells(r: dict, thp_col: bool) -> list[str]:
+    ok = r["status"] == "ok"
+    note = "ok" if ok else f"**{r['status']}**: {r['reason']}"
+    if r.get("compile_s") is not None:
+        note += f"; first call {r['compile_s']:.1f} s (compile, excluded)"
+    if r.get("note"):
+        note += f"; {r['note']}"
+    errs = f"{_f(r['loss_err'], '.0e')}/{_f(r['grad_err'], '.0e')}"
+    return [r["label"], r["target"]] + ([r["thp"]] if thp_col else []) + [
+        _f(r["median_ms"], ".3f") if ok else "-",
+        _f(r["iqr_ms"], ".3f") if ok else "-",
+        _f(r["gbps"], ".1f") if ok else "-",
+        _f(r["pct_copy"], ".0f") if ok else "-",
+        _f(r["x_ideal"], ".3g") if ok else "-",
+        _f(r["speedup_vs_eager"], ".3g") if ok else "-",
+        _f(None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 1e6, ".1f"),
+        errs, note]
+
+
+def _table(head: list[str], body: list[list]) -> list[str]:
+    return (["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+            + ["| " + " | ".join(str(c) for c in cells) + " |" for cells in body])
+
+
+def _case_section(rs: list[dict], thps: list[str], skipped: dict) -> list[str]:
+    r0 = rs[0]
+    dec = "decode on" if r0["decode"] else "decode off"
+    lines = [f"### {r0['op']} {r0['pass']} {r0['dtype']} {r0['rows']}x{r0['classes']} ({dec})"]
+    copies = ", ".join(f"{_f(r['copy_gbps'], '.1f')} GB/s"
+                       + (f" (THP={r['thp']})" if len(thps) > 1 else "")
+                       for r in {r["thp"]: r for r in rs}.values())
+    lines += [f"bytes model {r0['bytes'] / 1e6:.1f} MB ({r0['bytes_formula']}); "
+              f"copy bandwidth {copies}", ""]
+    thp_col = len(thps) > 1
+    head = ["provider", "target"] + (["THP"] if thp_col else []) + _HEAD
+    body = [_row_cells(r, thp_col) for r in sorted(rs, key=lambda r: (r["order"], r["thp"]))]
+    lines += _table(head, body)
+    sk = skipped.get(" ".join(map(str, _case_key(r0))))
+    if sk:
+        lines += ["", "not run: " + "; ".join(f"{n} ({why})" for n, why in sk)]
+    return lines + [""]
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Speed-up over eager of every provider, one row per (case, provider), one column per
+    (pass, THP): the training passes side by side."""
+    cols = sorted({(r["pass"], r["thp"]) for r in rows},
+                  key=lambda c: (PASSES.index(c[0]), c[1]))
+    if len(cols) < 2:
+        return []
+    table: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["op"], r["dtype"], r["rows"], r["classes"], r["decode"], r["label"])
+        cell = _f(r["speedup_vs_eager"], ".2f") if r["status"] == "ok" else r["status"]
+        table.setdefault(key, {})[(r["pass"], r["thp"])] = cell
+    head = ["case", "provider"] + [f"{p} THP={t}" for p, t in cols]
+    body = [[f"{k[0]} {k[1]} {k[2]}x{k[3]}" + (" decode" if k[4] else ""), k[5]]
+            + [cells.get(c, "") for c in cols] for k, cells in table.items()]
+    return ["## Speed-up over eager (eager time / time)", ""] + _table(head, body) + [""]
+
+
+def markdown(rows: list[dict], envs: list[dict], skipped: dict, title: str) -> str:
+    thps = sorted({e["thp"] for e in envs})
+    lines = _preamble(rows, envs, title)
     by_case: dict[tuple, list[dict]] = {}
     for r in rows:
         by_case.setdefault(_case_key(r), []).append(r)
-    for key, rs in by_case.items():
-        r0 = rs[0]
-        dec = "decode on" if r0["decode"] else "decode off"
-        lines.append(f"### {r0['op']} {r0['pass']} {r0['dtype']} {r0['rows']}x{r0['classes']} "
-                     f"({dec})")
-        copies = ", ".join(f"{_f(r['copy_gbps'], '.1f')} GB/s"
-                           + (f" (THP={r['thp']})" if len(thps) > 1 else "")
-                           for r in {r["thp"]: r for r in rs}.values())
-        lines.append(f"bytes model {r0['bytes'] / 1e6:.1f} MB ({r0['bytes_formula']}); "
-                     f"copy bandwidth {copies}")
-        lines.append("")
-        thp_col = len(thps) > 1
-        head = ["provider", "target"] + (["THP"] if thp_col else []) + [
-            "median ms", "IQR ms", "GB/s", "% copy BW", "x ideal", "vs eager", "peak MB",
-            "err loss/grad", "status / notes"]
-        lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "|".join("---" for _ in head) + "|")
-        for r in sorted(rs, key=lambda r: (r["order"], r["thp"])):
-            ok = r["status"] == "ok"
-            note = "ok" if ok else f"**{r['status']}**: {r['reason']}"
-            if r.get("compile_s") is not None:
-                note += f"; first call {r['compile_s']:.1f} s (compile, excluded)"
-            if r.get("note"):
-                note += f"; {r['note']}"
-            errs = f"{_f(r['loss_err'], '.0e')}/{_f(r['grad_err'], '.0e')}"
-            cells = [r["label"], r["target"]] + ([r["thp"]] if thp_col else []) + [
-                _f(r["median_ms"], ".3f") if ok else "-",
-                _f(r["iqr_ms"], ".3f") if ok else "-",
-                _f(r["gbps"], ".1f") if ok else "-",
-                _f(r["pct_copy"], ".0f") if ok else "-",
-                _f(r["x_ideal"], ".3g") if ok else "-",
-                _f(r["speedup_vs_eager"], ".3g") if ok else "-",
-                _f(None if r["peak_mem_bytes"] is None else r["peak_mem_bytes"] / 1e6, ".1f"),
-                errs, note]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-        sk = skipped.get(" ".join(map(str, key)))
-        if sk:
-            lines.append("")
-            lines.append("not run: " + "; ".join(f"{n} ({why})" for n, why in sk))
-        lines.append("")
+    for rs in by_case.values():
+        lines += _case_section(rs, thps, skipped)
+    lines += summary(rows)
     return "\n".join(lines)
 
 

@@ -10,8 +10,9 @@
 For each case: inputs are made once; the copy bandwidth is measured on a buffer of the logits'
 size; every provider is run once and checked against float64 torch.nn.functional (check.py;
 a provider that fails is reported FAILED and not timed), then warmed up and timed (timing.py);
-its peak memory is measured on one more call. Results go to bench_results/ (JSON + Markdown)
-and the Markdown tables are printed last.
+its peak memory is measured on one more call (measure.py). Results go to bench_results/
+(JSON, Markdown and a PNG chart of the times against the bytes model, chart.py) and the
+Markdown tables are printed last.
 """
 
 from __future__ import annotations
@@ -23,37 +24,17 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import chart  # noqa: E402
 import report  # noqa: E402
-from bytes_model import op_bytes  # noqa: E402
-from cases import CASE_SYNTAX, PROFILES, Case, Profile, parse_case  # noqa: E402
-from check import Reference  # noqa: E402
-from providers import make_inputs, providers_for  # noqa: E402
-from timing import Timer, copy_bandwidth, peak_memory  # noqa: E402
-
-BYTES_FORMULA = {
-    ("softmax_ce", "fwd"): "R*C*isz + R*8",
-    ("softmax_ce", "fwd+bwd"): "2*R*C*isz + R*8",
-    ("sigmoid_bce", "fwd"): "R*C*(isz + target isz)",
-    ("sigmoid_bce", "fwd+bwd"): "R*C*(2*isz + target isz)",
-}
-
-
-# The copy is short (tens of microseconds for the small cases); on a shared machine a few ms
-# of preemption would swamp a small sample, so it gets many repetitions, and it is measured
-# before the providers and after each one, keeping the fastest median (the copy is the best
-# case: noise only ever slows it down).
-COPY_REPS = dict(warmup=3, min_reps=20, max_reps=5000, budget_s=0.3)
-TIMING_CUDA = ("cuda events per call after a 2 ms GPU spin (host launch overhead hidden), "
-               "L2 flushed before each")
-TIMING_CPU = "time.perf_counter per call"
-INTERPRETER_REPS = dict(warmup=0, min_reps=2, max_reps=2, budget_s=0.0)
+from cases import CASE_SYNTAX, PROFILES, Profile, parse_case  # noqa: E402
+from measure import count_runs, run_case  # noqa: E402
+from timing import Timer  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -113,94 +94,8 @@ def _device(name: str) -> torch.device:
     return dev
 
 
-def _selected(name: str, filters: list[str]) -> bool:
-    return not filters or any(name == f or name.startswith(f + "-") for f in filters)
-
-
-def run_case(case: Case, prof: Profile, dev: torch.device, timer: Timer, filters: list[str],
-             seed: int, progress, env: dict, order0: int) -> tuple[list[dict], list]:
-    provs, skipped = providers_for(case, dev)
-    provs = [p for p in provs if _selected(p.name, filters)]
-    skipped = [s for s in skipped if _selected(s[0], filters)]
-    reps = dict(warmup=prof.warmup, min_reps=prof.min_reps, max_reps=prof.max_reps,
-                budget_s=prof.budget_s)
-    inp = make_inputs(case, dev, seed)
-    copies = [copy_bandwidth(timer, inp.x, **COPY_REPS)[0]]
-    ref = Reference(inp, seed)
-    rows: list[dict] = []
-    for i, prov in enumerate(provs):
-        if progress is not None:
-            progress.set_postfix_str(f"{case.op} {case.rows}x{case.classes} {prov.label}")
-        nbytes = op_bytes(case, 1 if prov.target == "uint8" else None)
-        row = {**case.as_dict(), "provider": prov.name, "label": prov.label,
-               "target": prov.target if case.op == "sigmoid_bce" else "int64",
-               "status": "ok", "reason": "", "note": prov.note, "order": order0 + i,
-               "bytes": nbytes, "bytes_formula": BYTES_FORMULA[(case.op, case.pass_)]
-               + (" + decodings" if case.decode else ""),
-               "copy_gbps": None, "median_ms": None, "p25_ms": None, "p75_ms": None,
-               "iqr_ms": None, "reps": 0, "gbps": None, "pct_copy": None, "x_ideal": None,
-               "speedup_vs_eager": None, "peak_mem_bytes": None, "mem_method": "",
-               "compile_s": None, "first_call_s": None, "loss_err": None, "grad_err": None,
-               "tol": ref.tol,
-               "timing": TIMING_CUDA if timer.cuda else TIMING_CPU,
-               **env}
-        rows.append(row)
-        try:
-            runner = prov.make(inp)
-            row["note"] = "; ".join(n for n in (prov.note, runner.note) if n)
-            if runner.setup is not None:
-                runner.setup()
-            timer.sync()
-            t0 = time.perf_counter()
-            out = runner.fn()
-            timer.sync()
-            row["first_call_s"] = time.perf_counter() - t0
-            verdict = ref.check(out, inp)
-            del out
-            row["loss_err"], row["grad_err"] = verdict.loss_err, verdict.grad_err
-            if not verdict.ok:
-                row["status"], row["reason"] = "FAILED", verdict.reason
-                continue
-            interp = dev.type == "cpu" and prov.name in ("fusedloss-triton", "liger")
-            if interp:  # the Triton interpreter takes seconds a call: its time means little
-                row["note"] = "; ".join(filter(None, [row["note"], "Triton interpreter"]))
-            stats = timer.measure(runner.fn, runner.setup,
-                                  **(INTERPRETER_REPS if interp else reps))
-            copies.append(copy_bandwidth(timer, inp.x, **COPY_REPS)[0])
-            if runner.setup is not None:
-                runner.setup()
-            row["peak_mem_bytes"], row["mem_method"] = peak_memory(timer, runner.fn)
-        except Exception as e:  # noqa: BLE001  (one provider's failure must not stop the rest)
-            row["status"] = "ERROR"
-            row["reason"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            row["traceback"] = traceback.format_exc(limit=6)
-            continue
-        finally:
-            runner = None  # free its buffers (Liger's/in-place input copy) before the next
-            if progress is not None:
-                progress.update(1)
-        med = stats.median_s
-        row.update(median_ms=med * 1e3, p25_ms=stats.p25_s * 1e3, p75_ms=stats.p75_s * 1e3,
-                   iqr_ms=stats.iqr_s * 1e3, min_ms=stats.min_s * 1e3, reps=stats.reps,
-                   gbps=nbytes / med / 1e9)
-        if prov.name == "compile":
-            row["compile_s"] = max(0.0, row["first_call_s"] - med)
-    copy = max(copies)
-    eager = [r["median_ms"] for r in rows if r["provider"] == "eager" and r["median_ms"]]
-    for row in rows:
-        row["copy_gbps"] = copy / 1e9
-        row["copy_gbps_samples"] = [c / 1e9 for c in copies]
-        if row["median_ms"] is None:
-            continue
-        med = row["median_ms"] / 1e3
-        row["pct_copy"] = 100.0 * (row["bytes"] / med) / copy
-        row["x_ideal"] = med / (row["bytes"] / copy)
-        if eager:
-            row["speedup_vs_eager"] = eager[0] / row["median_ms"]
-    return rows, skipped
-
-
-def measure(args) -> tuple[list[dict], dict, dict]:
+def _profile(args) -> Profile:
+    """The profile asked for, with --cases, --min-reps and --budget applied."""
     prof = PROFILES[args.profile]
     if args.case_list:
         prof = Profile(tuple(args.case_list), prof.warmup, prof.min_reps, prof.max_reps,
@@ -211,28 +106,40 @@ def measure(args) -> tuple[list[dict], dict, dict]:
                        max(prof.max_reps, args.min_reps or 0),
                        args.budget if args.budget is not None else prof.budget_s,
                        prof.description, prof.skip)
+    return prof
+
+
+def _filters(args, prof: Profile) -> list[str]:
     filters = [f.strip() for f in args.providers.split(",") if f.strip()]
     if not filters and prof.skip:
-        filters = ["eager", "fusedloss", "liger", "quack", "compile"]
-        filters = [f for f in filters if f not in prof.skip]
+        filters = [f for f in ("eager", "fusedloss", "liger", "quack", "compile")
+                   if f not in prof.skip]
+    return filters
+
+
+def _progress_bar(args, total: int, env: dict):
+    if args.no_progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=f"bench {args.profile} THP={env['thp']}", unit="run",
+                file=sys.stderr, dynamic_ncols=True)
+
+
+def measure(args) -> tuple[list[dict], dict, dict]:
+    """Run every case of the profile in this process: (rows, environment, skipped per case)."""
+    prof = _profile(args)
+    filters = _filters(args, prof)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    dev = args.dev
-    env = report.environment(dev)
-    timer = Timer(dev)
-    total = sum(sum(_selected(p.name, filters) for p in providers_for(c, dev)[0])
-                for c in prof.cases)
-    progress = None
-    if not args.no_progress:
-        try:
-            from tqdm import tqdm
-            progress = tqdm(total=total, desc=f"bench {args.profile} THP={env['thp']}",
-                            unit="run", file=sys.stderr, dynamic_ncols=True)
-        except ImportError:
-            progress = None
+    env = report.environment(args.dev)
+    timer = Timer(args.dev)
+    progress = _progress_bar(args, count_runs(prof.cases, args.dev, filters), env)
     rows, skipped = [], {}
     for case in prof.cases:
-        r, s = run_case(case, prof, dev, timer, filters, args.seed, progress, env, len(rows))
+        r, s = run_case(case, prof, timer, filters, args.seed, progress, env, len(rows))
         rows += r
         skipped[report.case_key_str(case.as_dict())] = s
     if progress is not None:
@@ -240,23 +147,23 @@ def measure(args) -> tuple[list[dict], dict, dict]:
     return rows, env, skipped
 
 
-def run_thp_children(args, settings: list[str]) -> tuple[list[dict], list[dict], dict]:
-    """Re-run this program once per THP setting (PyTorch reads the variable at startup)."""
-    rows, envs, skipped = [], [], {}
-    argv = [a for a in sys.argv[1:]]
-    # drop --thp and its value; children inherit everything else
-    clean = []
-    skip = False
+def _without_thp(argv: list[str]) -> list[str]:
+    """argv without --thp and its value (the children are given their own)."""
+    out, skip = [], False
     for a in argv:
         if skip:
             skip = False
-            continue
-        if a == "--thp":
+        elif a == "--thp":
             skip = True
-            continue
-        if a.startswith("--thp="):
-            continue
-        clean.append(a)
+        elif not a.startswith("--thp="):
+            out.append(a)
+    return out
+
+
+def run_thp_children(argv: list[str], settings: list[str]) -> tuple[list[dict], list[dict], dict]:
+    """Re-run this program once per THP setting (PyTorch reads the variable at startup)."""
+    rows, envs, skipped = [], [], {}
+    clean = _without_thp(argv)
     with tempfile.TemporaryDirectory() as tmp:
         for s in settings:
             path = Path(tmp) / f"thp{s}.json"
@@ -280,21 +187,45 @@ def run_thp_children(args, settings: list[str]) -> tuple[list[dict], list[dict],
 EXTERNAL_PROFILES = {"linear": "bench_linear", "hf": "bench_hf"}
 
 
+def _external_profile(argv: list[str]) -> int | None:
+    """The exit status of an EXTERNAL_PROFILES module if --profile names one, else None."""
+    if "--profile" not in argv[:-1]:
+        return None
+    i = argv.index("--profile")
+    module = EXTERNAL_PROFILES.get(argv[i + 1])
+    if module is None:
+        return None
+    import importlib
+
+    return importlib.import_module(module).main(argv[:i] + argv[i + 2:])
+
+
+def _write_results(args, argv, rows, envs, skipped) -> str:
+    """JSON, Markdown and the PNG chart into --out; returns the Markdown."""
+    name = args.profile if not args.case_list else "custom"
+    title = f"{args.profile if not args.case_list else 'custom cases'} on {envs[0]['device']}"
+    md = report.markdown(rows, envs, skipped, title)
+    stem = f"{name}-{envs[0]['device']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    payload = {"title": title, "argv": argv, "environments": envs, "rows": rows,
+               "skipped": skipped}
+    jpath, mpath = report.write(Path(args.out), stem, payload, md)
+    written = f"results: {jpath} and {mpath}"
+    png, why = chart.write(rows, Path(args.out) / f"{stem}.png", title)
+    written += f"; chart: {png}" if png else f"; no chart ({why})"
+    print(written, file=sys.stderr)
+    return md
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--profile" in argv[:-1]:
-        i = argv.index("--profile")
-        module = EXTERNAL_PROFILES.get(argv[i + 1])
-        if module is not None:
-            import importlib
-
-            return importlib.import_module(module).main(argv[:i] + argv[i + 2:])
+    rc = _external_profile(argv)
+    if rc is not None:
+        return rc
     args = parse_args(argv)
-    cur = report.thp_setting()
     if args.thp == "both":
-        rows, envs, skipped = run_thp_children(args, ["0", "1"])
-    elif args.thp in ("0", "1") and args.thp != cur:
-        rows, envs, skipped = run_thp_children(args, [args.thp])
+        rows, envs, skipped = run_thp_children(argv, ["0", "1"])
+    elif args.thp in ("0", "1") and args.thp != report.thp_setting():
+        rows, envs, skipped = run_thp_children(argv, [args.thp])
     else:
         rows, env, skipped = measure(args)
         envs = [env]
@@ -302,17 +233,8 @@ def main(argv=None) -> int:
             Path(args.json_only).write_text(json.dumps(
                 {"env": env, "rows": rows, "skipped": skipped}, default=str))
             return 0
-    title = f"{args.profile if not args.case_list else 'custom cases'} on {envs[0]['device']}"
-    md = report.markdown(rows, envs, skipped, title)
-    stem = f"{args.profile if not args.case_list else 'custom'}-{envs[0]['device']}-" \
-           f"{time.strftime('%Y%m%d-%H%M%S')}"
-    payload = {"title": title, "argv": sys.argv[1:], "environments": envs, "rows": rows,
-               "skipped": skipped}
-    jpath, mpath = report.write(Path(args.out), stem, payload, md)
-    print(f"results: {jpath} and {mpath}", file=sys.stderr)
-    print(md)
-    bad = [r for r in rows if r["status"] != "ok"]
-    return 1 if bad else 0
+    print(_write_results(args, argv, rows, envs, skipped))
+    return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 
 if __name__ == "__main__":

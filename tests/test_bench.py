@@ -45,6 +45,8 @@ def _run(*args: str, env: dict | None = None, timeout: float = 240):
 def _load(out_dir: Path) -> tuple[dict, str]:
     (jpath,) = out_dir.glob("*.json")
     (mpath,) = out_dir.glob("*.md")
+    (png,) = out_dir.glob("*.png")  # the chart beside the tables
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     return json.loads(jpath.read_text()), mpath.read_text()
 
 
@@ -89,13 +91,16 @@ def test_smoke_profile_writes_checked_rows(tmp_path):
                 assert f"fusedloss-{b}" in labels
                 if case.op == "sigmoid_bce":
                     assert f"fusedloss-{b} [u8 target]" in labels
-                if case.op == "softmax_ce" and case.pass_ == "fwd+bwd":
+                if case.op == "softmax_ce" and case.backward:
                     assert f"fusedloss-{b} [inplace]" in labels
         assert "compile" not in labels  # smoke leaves torch.compile out unless asked
         for r in mine:
             _check_ok_row(r)
         assert f"### {case.op} {case.pass_} {case.dtype} {case.rows}x{case.classes}" in md
     assert data["environments"][0]["device"] == "cpu"
+    # both training passes are measured and set side by side in the summary
+    assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd", "fwd+autograd"}
+    assert "| case | provider | fwd THP=0 | fwd+bwd THP=0 | fwd+autograd THP=0 |" in md
     # The Markdown tables are printed last, and match the file.
     assert p.stdout.rstrip().endswith(md.rstrip().splitlines()[-1])
     assert "| eager |" in p.stdout
@@ -146,6 +151,7 @@ def test_thp_both_runs_each_setting(tmp_path):
     ("ce:0x40:fp32:fwd", "must be positive"),
     ("ce:16x40:int8:fwd", "dtype 'int8'"),
     ("ce:16x40:fp32:bwd", "pass 'bwd'"),
+    ("ce:16x40:fp32:fwd+grad", "pass 'fwd\\+grad'"),
 ])
 def test_bad_case_is_rejected_by_name(bad, what):
     with pytest.raises(ValueError, match=what.replace("(", r"\(")):
@@ -159,10 +165,29 @@ def test_bad_arguments_exit_with_the_message():
     assert p.returncode == 2 and "--min-reps must be >= 1, got 0" in p.stderr
 
 
+@pytest.mark.parametrize("pass_", ["fwd+bwd", "fwd+autograd"])
+def test_training_passes_return_torchs_gradient(pass_):
+    # fwd+bwd goes through loss.backward() into the leaf and hands the gradient out of .grad;
+    # fwd+autograd through torch.autograd.grad. Both give torch's gradient, computed apart.
+    from providers import _run
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 9, generator=g, requires_grad=True)
+    t = torch.randint(0, 9, (6,), generator=g)
+    out = _run(lambda x, t: (F.cross_entropy(x, t), {}), x, t, pass_)()
+    xr = x.detach().double().requires_grad_()
+    F.cross_entropy(xr, t).backward()
+    torch.testing.assert_close(out.grad.double(), xr.grad, rtol=1e-6, atol=1e-7)
+    assert x.grad is None  # nothing accumulates between timed calls
+
+
 def test_bytes_model_matches_hand_counts():
     # CE fwd: logits once + int64 targets; fwd+bwd: logits read + gradient written.
     assert op_bytes(Case("softmax_ce", 4096, 32000, "fp32", "fwd")) == 4096 * 32000 * 4 + 4096 * 8
     assert op_bytes(Case("softmax_ce", 4096, 32000, "bf16", "fwd+bwd")) == \
+        2 * 4096 * 32000 * 2 + 4096 * 8
+    # both training passes move the same bytes
+    assert op_bytes(Case("softmax_ce", 4096, 32000, "bf16", "fwd+autograd")) == \
         2 * 4096 * 32000 * 2 + 4096 * 8
     # decodings: pred int64 + confidence fp32 + correct bool per row
     assert op_bytes(Case("softmax_ce", 10, 7, "fp32", "fwd", True)) == 10 * 7 * 4 + 10 * 8 + 10 * 13
@@ -173,7 +198,7 @@ def test_bytes_model_matches_hand_counts():
     assert op_bytes(Case("sigmoid_bce", 4, 3, "fp32", "fwd", True)) == 4 * 3 * 8 + 12 + 72
 
 
-@pytest.mark.parametrize("spec", ["ce:33x50:fp32:fwd+bwd", "bce:20x9:fp32:fwd+bwd",
+@pytest.mark.parametrize("spec", ["ce:33x50:fp32:fwd+bwd", "bce:20x9:fp32:fwd+autograd",
                                   "ce:40x70:bf16:fwd+bwd:decode", "bce:12x5:fp32:fwd:decode"])
 def test_check_accepts_torch_and_rejects_wrong_results(spec):
     case = parse_case(spec)
