@@ -1,8 +1,9 @@
 """Shared test setup: every backend-parametrized test runs on every (device, backend) pair that
 fusedloss.available_backends reports, so a new backend is tested by being registered.
 
-Without a GPU, Triton kernels run under its interpreter: TRITON_INTERPRET must be set before
-anything decorates a kernel (ENVIRONMENT.md), hence here, before fusedloss is imported.
+Without a GPU, Triton kernels run under its interpreter: triton reads TRITON_INTERPRET when a
+kernel is decorated (at import of fusedloss.triton_kernels), so it is set here, before fusedloss
+is imported.
 """
 
 import os

@@ -12,8 +12,9 @@ def assert_close(actual, expected, dtype, msg=""):
 
 
 def assert_no_worse_than_torch(ours, torch_lowp, ref64, factor=4.0, floor=1e-3, msg=""):
-    """bf16/fp16 rule (DESIGN.md Numerics): our error to the float64 reference is at most
-    `factor` x torch's own low-precision error (plus a floor of a few ulp of the output)."""
+    """bf16/fp16 rule: our error to the float64 reference is at most `factor` x torch's own
+    low-precision error on the same input (plus a floor of a few ulp of the output), so a
+    low-precision result is never much further from the exact answer than torch's."""
     ours, torch_lowp, ref64 = (t.detach().to(torch.float64).cpu() for t in
                                (ours, torch_lowp, ref64))
     e_ours = (ours - ref64).abs().max().item() if ref64.numel() else 0.0

@@ -40,7 +40,7 @@ from .thresholds import (
 
 try:
     from . import _triton  # noqa: F401  (registers "triton" when usable)
-except ImportError as e:  # triton missing, or the Triton backend not written yet
+except ImportError as e:  # triton is not installed
     _backend.mark_unavailable("triton", f"import failed: {e}")
 
 __all__ = [
