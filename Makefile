@@ -1,14 +1,15 @@
 # make test / make bench work on a fresh machine: they create .venv, install torch and the
-# project (C++ always; CUDA when the toolkit is there, see ../shared/ENVIRONMENT.md).
+# project (C++ always; CUDA when a toolkit is found, see setup.py: CUDA_HOME, else the toolkit of
+# nvcc, else /usr/local/cuda; architectures: TORCH_CUDA_ARCH_LIST, else the GPUs present, else
+# setup.py's default list).
 PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   ?= torch==2.14.1
 DEPS    := numpy hypothesis pytest pytest-xdist scikit-learn matplotlib tqdm liger-kernel ruff transformers
 STAMP   := $(VENV)/.deps-stamp
-export CUDA_HOME ?= /usr/local/cuda
-export TORCH_CUDA_ARCH_LIST ?= 9.0
-export MAX_JOBS ?= 2
+# Parallel compile jobs of this build only (not exported: `make gpu-check` sizes its own build).
+BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: venv build test bench lint clean gpu-check
 
@@ -28,7 +29,7 @@ $(EDITABLE): $(STAMP) setup.py pyproject.toml
 	touch $(EDITABLE)
 
 build: $(EDITABLE)
-	$(VPY) setup.py -q build_ext --inplace
+	MAX_JOBS=$${MAX_JOBS:-$(BUILD_JOBS)} $(VPY) setup.py -q build_ext --inplace
 
 test: build lint
 	$(VPY) -m pytest -q -n 2 tests
@@ -36,9 +37,9 @@ test: build lint
 bench: build
 	$(VPY) benchmarks/run.py
 
-# On the GPU machine (torch preinstalled there): build, CUDA tests, compute-sanitizer, GPU bench.
+# On the GPU machine (torch preinstalled there, nothing of ours): see scripts/gpu_check.sh.
 gpu-check:
-	PY=$${PY:-python3} bash scripts/gpu_check.sh
+	bash scripts/gpu_check.sh
 
 lint: $(STAMP)
 	$(VPY) -m ruff check python triton_kernels tests benchmarks examples

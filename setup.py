@@ -2,21 +2,25 @@
 fusedloss.triton_kernels) and the native ops.
 
 Native extensions (loaded with torch.ops.load_library, so they need no Python init):
-- fusedloss._C              csrc/ops.cpp (schemas) + csrc/cuda/*.cu when CUDA can be compiled.
+- fusedloss._C              csrc/ops.cpp (schemas) + csrc/cuda/*.{cu,cpp} when CUDA can be compiled.
 - fusedloss._cpu_<isa>      csrc/cpu/*.cpp compiled once per x86 ISA level. at::vec::Vectorized is
                             the scalar fallback unless the file is compiled for the ISA (measured:
-                            489 ms scalar vs 53 ms AVX2 for a one-pass CE over 4096x32000 fp32, see
-                            ../shared/ENVIRONMENT.md), so we ship one build per level and
+                            489 ms scalar vs 53 ms AVX2 for a one-pass CE over 4096x32000 fp32 on
+                            a 2-core AVX2 x86_64 machine), so we ship one build per level and
                             python/fusedloss/_native.py picks one at import from
                             torch.backends.cpu.get_cpu_capability().
 
 CUDA is built when a CUDA toolkit and a CUDA build of torch are present, never decided by
-torch.cuda.is_available() (CI compiles with no GPU). FUSEDLOSS_NO_CUDA=1 skips it.
+torch.cuda.is_available() (CI compiles with no GPU). FUSEDLOSS_NO_CUDA=1 skips it. Architectures:
+TORCH_CUDA_ARCH_LIST when set, else those of the GPUs present, else DEFAULT_CUDA_ARCHS; the list
+compiled in is readable at run time (torch.ops.fusedloss_cuda.arch_list()).
 """
 
 import glob
 import os
 import platform
+import re
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -38,15 +42,79 @@ def _nvidia_include_dirs():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
-def _want_cuda(torch):
+def _cuda_home():
+    """The CUDA toolkit to build with: CUDA_HOME / CUDA_PATH when set, else the toolkit of the
+    nvcc on PATH (when it is not a wrapper script), else /usr/local/cuda, else the newest
+    /usr/local/cuda-*; None when there is none (then only the C++ part is built)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    cands = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for c in cands:
+        if os.path.exists(os.path.join(c, "bin", "nvcc")) and \
+                os.path.exists(os.path.join(c, "include", "cuda_runtime.h")):
+            return c
+    return None
+
+
+def _want_cuda(torch, cpp_extension):
     if os.environ.get("FUSEDLOSS_NO_CUDA", "0") == "1" or torch.version.cuda is None:
         return False
-    if not os.environ.get("CUDA_HOME"):
-        for cand in ("/usr/local/cuda",):
-            if os.path.exists(os.path.join(cand, "bin", "nvcc")):
-                os.environ["CUDA_HOME"] = cand
-    return bool(os.environ.get("CUDA_HOME")) and os.path.exists(
-        os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc"))
+    home = _cuda_home()
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        print("fusedloss: no CUDA toolkit found (set CUDA_HOME): building without CUDA kernels",
+              file=sys.stderr)
+        return False
+    # torch's build reads its own guess at import (from the nvcc on PATH, which may be a
+    # wrapper script outside the toolkit): use the toolkit found here.
+    os.environ["CUDA_HOME"] = home
+    cpp_extension.CUDA_HOME = home
+    return True
+
+
+# CUDA architectures built when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (CI, wheels):
+# sm_80 machine code runs on every 8.x GPU (A100 8.0, A10/3090 8.6, L40S/4090 8.9); sm_90 on
+# H100/H200; the compute_90 PTX is compiled by the driver on newer GPUs (B200 10.0, 12.x) at
+# first use. Each machine-code arch costs one more device compile of every .cu file (measured
+# on the 2-core x86_64 build machine, see README "Building").
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def _cuda_arch_list(torch):
+    """TORCH_CUDA_ARCH_LIST if set; else the capabilities of the GPUs present; else the default."""
+    env = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if env:
+        return env
+    try:
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except RuntimeError:
+        n = 0
+    if n:
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(n)})
+        return ";".join(f"{a}.{b}" for a, b in caps[:-1]) + \
+            (";" if len(caps) > 1 else "") + "{}.{}+PTX".format(*caps[-1])
+    return DEFAULT_CUDA_ARCHS
+
+
+def _compiled_archs(cpp_extension, arch_list):
+    """['sm_80', 'sm_90', 'compute_90']: what the -gencode flags for arch_list put in the .so."""
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list  # what torch's build turns into -gencode
+    try:
+        flags = cpp_extension._get_cuda_arch_flags()
+    except Exception:  # private helper: fall back to parsing the list ourselves
+        flags = []
+        for item in arch_list.replace(",", ";").replace(" ", ";").split(";"):
+            if item:
+                num = item.split("+")[0].replace(".", "")
+                flags.append(f"arch=compute_{num},code=sm_{num}")
+                if item.endswith("+PTX"):
+                    flags.append(f"arch=compute_{num},code=compute_{num}")
+    return sorted(set(re.findall(r"code=\[?((?:sm|compute)_\w+)", " ".join(flags))),
+                  key=lambda a: (a.startswith("compute"), a))
 
 
 # ISA levels for the CPU kernels: name -> compiler flags. CPU_CAPABILITY_* selects the
@@ -74,14 +142,19 @@ def _extensions():
                 include_dirs=[os.path.join(ROOT, "csrc")],
                 extra_compile_args={"cxx": common + flags + [f"-DFUSEDLOSS_ISA={isa}"]},
                 extra_link_args=["-fopenmp"] if sys.platform != "darwin" else []))
-    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-    if _want_cuda(torch) and cuda_sources:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # H100/H200; see ENVIRONMENT.md
+    cuda_sources = _rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) +
+                        glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp")))
+    if _want_cuda(torch, cpp_extension) and cuda_sources:
+        archs = _compiled_archs(cpp_extension, _cuda_arch_list(torch))
+        print(f"fusedloss: CUDA kernels for {' '.join(archs)}", file=sys.stderr)
+        # No --use_fast_math: it turns tanhf into tanh.approx and divisions into approximations,
+        # which the accuracy tests pin; the kernels call __expf/__logf explicitly where intended.
         exts.append(cpp_extension.CUDAExtension(
             "fusedloss._C", ["csrc/ops.cpp"] + cuda_sources,
             include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_include_dirs(),
-            extra_compile_args={"cxx": common, "nvcc": ["-O3", "--use_fast_math", "-lineinfo",
-                                                        "--expt-relaxed-constexpr"]}))
+            extra_compile_args={
+                "cxx": common + [f"-DFUSEDLOSS_CUDA_ARCHS={','.join(archs)}"],
+                "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]}))
     else:
         exts.append(cpp_extension.CppExtension(
             "fusedloss._C", ["csrc/ops.cpp"], extra_compile_args={"cxx": ["-O2"]}))

@@ -25,7 +25,8 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # Gradients are rounded to the logits dtype; everything else is computed in fp32 (fp64).
 GRAD_TOL = {torch.float64: dict(atol=1e-12, rtol=1e-9), torch.float32: dict(atol=1e-7, rtol=2e-5),
             torch.bfloat16: dict(atol=1e-6, rtol=1.6e-2), torch.float16: dict(atol=1e-7, rtol=2e-3)}
-# fp32 outputs (loss, lse, confidence): fp32 accumulation with ex2.approx (--use_fast_math).
+# fp32 outputs (loss, lse, confidence): fp32 accumulation with the __expf/__logf intrinsics
+# (ex2.approx/lg2.approx based); everything else IEEE (no --use_fast_math).
 # loss/lse are stored in the accumulation dtype: fp64 logits get fp64 precision.
 F32_TOL = {torch.float64: dict(atol=1e-10, rtol=1e-9)}
 F32_TOL_DEFAULT = dict(atol=2e-5, rtol=2e-5)

@@ -1,5 +1,5 @@
 // Shared pieces of the CUDA kernels of fusedloss: accumulation types, 16-byte vector access,
-// fast exp/log, warp reductions, launch-side checks and the bad-target mailbox.
+// exp/log, side-tensor reads in any dtype, warp reductions, launch-side helpers.
 //
 // Conventions used by every kernel in csrc/cuda/:
 // - Accumulate in `acc_t<T>`: float for half/bfloat16/float, double for double.
@@ -9,6 +9,7 @@
 //   chunk lies inside the row; otherwise element by element (same values, slower).
 // - Launchers: c10::cuda::CUDAGuard on the input's device, the current stream,
 //   C10_CUDA_KERNEL_LAUNCH_CHECK() after every launch, never a host synchronisation.
+// - Out-of-range class targets are reported through the mailbox of mailbox.h.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -22,6 +23,8 @@
 
 #include <cstdint>
 #include <type_traits>
+
+#include "cuda/mailbox.h"
 
 namespace fusedloss {
 namespace cuda {
@@ -83,15 +86,29 @@ __device__ __forceinline__ void store_pack(U* p, bool fast, int lo, int hi, cons
   }
 }
 
+// Chunk j of a row: its first column (may be < 0) and the elements [lo, hi) inside the row.
+struct ChunkSpan {
+  int64_t col;
+  int lo, hi;
+};
+
+template <int V>
+__device__ __forceinline__ ChunkSpan chunk_span(int64_t j, int phase, int64_t C) {
+  const int64_t col = j * V - phase;
+  return {col, static_cast<int>(max(static_cast<int64_t>(0), -col)),
+          static_cast<int>(min(static_cast<int64_t>(V), C - col))};
+}
+
 // Chunks per row, whatever the phase: the launchers size shared memory with this.
 template <typename T>
 inline int64_t max_row_chunks(int64_t cols) {
   return (cols + 2 * kVec<T> - 2) / kVec<T>;
 }
 
-// exp/log in the accumulation type. The build uses --use_fast_math, so the float versions are
-// ex2.approx/lg2.approx based (relative error ~2^-21, well inside the fp32 test tolerances);
-// double keeps the IEEE versions.
+// exp/log in the accumulation type. The build does NOT use --use_fast_math (it would turn tanhf
+// into tanh.approx, relative error ~1e-5, and every division into an approximation); the float
+// exp/log are the explicit intrinsics __expf/__logf (ex2.approx/lg2.approx based, relative error
+// ~2^-21 near 0), everything else is IEEE. double keeps the IEEE versions throughout.
 __device__ __forceinline__ float acc_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double acc_exp(double x) { return exp(x); }
 __device__ __forceinline__ float acc_log(float x) { return __logf(x); }
@@ -100,6 +117,25 @@ __device__ __forceinline__ float acc_log1p(float x) { return log1pf(x); }
 __device__ __forceinline__ double acc_log1p(double x) { return log1p(x); }
 __device__ __forceinline__ float acc_tanh(float x) { return tanhf(x); }
 __device__ __forceinline__ double acc_tanh(double x) { return tanh(x); }
+
+// Small side tensors (weights, thresholds, grad_loss) may come in any floating dtype; kernels
+// read them element by element in the accumulation type through this tag (uniform per launch,
+// so the switch costs no divergence).
+enum class FloatKind : int8_t { kHalf, kBFloat16, kFloat, kDouble };
+
+template <typename A>
+__device__ __forceinline__ A load_as(const void* p, FloatKind k, int64_t i) {
+  switch (k) {
+    case FloatKind::kHalf:
+      return static_cast<A>(static_cast<float>(static_cast<const c10::Half*>(p)[i]));
+    case FloatKind::kBFloat16:
+      return static_cast<A>(static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]));
+    case FloatKind::kFloat:
+      return static_cast<A>(static_cast<const float*>(p)[i]);
+    default:
+      return static_cast<A>(static_cast<const double*>(p)[i]);
+  }
+}
 
 template <typename A>
 __device__ __forceinline__ A quiet_nan() {
@@ -120,21 +156,27 @@ __device__ __forceinline__ A warp_sum(A v, int width = kWarp) {
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// The FloatKind of a floating tensor (raises, naming `name`, for any other dtype).
+inline FloatKind float_kind(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kHalf: return FloatKind::kHalf;
+    case at::kBFloat16: return FloatKind::kBFloat16;
+    case at::kFloat: return FloatKind::kFloat;
+    case at::kDouble: return FloatKind::kDouble;
+    default: TORCH_CHECK(false, name, ": expected a floating dtype, got ", t.scalar_type());
+  }
+}
+
+// The accumulation dtype of logits of dtype `st` (fp64 for fp64, fp32 otherwise).
+inline at::ScalarType acc_dtype(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline int sm_count(int device) {
   int n = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   return n;
 }
-
-// Out-of-range class targets (see the comment at the top of softmax_ce.cu).
-// The mailbox is one int64 in mapped, pinned host memory that kernels write directly; the host
-// reads it without synchronising. kNoBadTarget means "nothing to report".
-constexpr long long kNoBadTarget = INT64_MIN;
-// Device pointer of the mailbox (allocated on first use; shared by all devices).
-long long* bad_target_mailbox();
-// Raise IndexError("Target <v> is out of bounds.") if a kernel launched earlier recorded one,
-// and clear the mailbox. Called at the start of every fusedloss CUDA op; costs one host read.
-void raise_pending_bad_target();
 
 }  // namespace cuda
 }  // namespace fusedloss

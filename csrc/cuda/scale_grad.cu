@@ -4,11 +4,12 @@
 // 4-byte read per block in that case.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <torch/library.h>
 
 #include <algorithm>
 
 #include "cuda/common.cuh"
+#include "cuda/ops.h"
+#include "op_checks.h"
 
 namespace fusedloss {
 namespace cuda {
@@ -42,15 +43,13 @@ __global__ void __launch_bounds__(kScaleBlock)
   }
 }
 
+}  // namespace
+
 void scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
-  raise_pending_bad_target();
-  TORCH_CHECK(grad.is_cuda(), "grad: expected a CUDA tensor");
-  TORCH_CHECK(scale.device() == grad.device(), "scale is on ", scale.device(),
-              " but grad is on ", grad.device());
-  TORCH_CHECK(scale.numel() == 1 && at::isFloatingType(scale.scalar_type()),
-              "scale: expected a 0-dim floating-point tensor, got ", scale.scalar_type(), " ",
-              scale.sizes());
+  constexpr const char* op = "scale_grad_";
   c10::cuda::CUDAGuard guard(grad.device());
+  op_prologue();
+  checks::check_scalar_tensor(op, "scale", scale, grad);
   if (grad.numel() == 0) return;
   if (!grad.is_non_overlapping_and_dense()) {
     // Not produced by fusedloss: scale it with ATen (no synchronisation, but not free at 1).
@@ -74,10 +73,6 @@ void scale_grad_(at::Tensor& grad, const at::Tensor& scale) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(fusedloss, CUDA, m) { m.impl("scale_grad_", &scale_grad_); }
 
 }  // namespace cuda
 }  // namespace fusedloss

@@ -3,6 +3,10 @@
 fusedloss._C holds the schemas (and the CUDA kernels when built with CUDA); one of
 fusedloss._cpu_{avx512,avx2,default} holds the CPU kernels, chosen here from the CPU's
 capability as torch reports it (override: FUSEDLOSS_CPU_ISA=default|avx2|avx512).
+
+CUDA kernels serve a GPU only if the build holds code it can run (`cuda_archs`, the list the
+extension was compiled for, against torch.cuda.get_device_capability): backend="auto" then
+moves on to the next backend, and backend="native" raises, naming the arch and how to rebuild.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from . import _backend
 _ISA_ORDER = {"AVX512": ["avx512", "avx2", "default"], "AVX2": ["avx2", "default"]}
 loaded_cpu_isa: str | None = None
 cuda_built = False
+cuda_archs: tuple[str, ...] = ()  # e.g. ("sm_80", "sm_90", "compute_90"); () without CUDA
 
 
 def _origin(module: str) -> str | None:
@@ -29,13 +34,18 @@ def _origin(module: str) -> str | None:
 
 def _load() -> str:
     """Load the extensions; return '' on success or the reason for failure."""
-    global loaded_cpu_isa, cuda_built
+    global loaded_cpu_isa, cuda_built, cuda_archs
     path = _origin("fusedloss._C")
     if path is None:
         return "fusedloss._C was not found"
     torch.ops.load_library(path)
     cuda_built = torch._C._dispatch_has_kernel_for_dispatch_key(
         "fusedloss::softmax_ce_fwd", "CUDA")
+    if cuda_built:
+        try:
+            cuda_archs = tuple(torch.ops.fusedloss_cuda.arch_list().split())
+        except (AttributeError, RuntimeError):  # a build from before the list was recorded
+            cuda_archs = ()
     forced = os.environ.get("FUSEDLOSS_CPU_ISA")
     cap = torch.backends.cpu.get_cpu_capability()
     order = [forced] if forced else _ISA_ORDER.get(cap, ["default"])
@@ -48,14 +58,69 @@ def _load() -> str:
     return ""
 
 
+def arch_runs_on(archs, capability: tuple[int, int]) -> bool:
+    """Can a build holding `archs` (sm_XY machine code, compute_XY PTX) run on `capability`?
+
+    CUDA's rules: sm_XY machine code runs on X.Y' for Y' >= Y (same major); compute_XY PTX is
+    compiled by the driver for any capability >= X.Y. Arch-specific variants (sm_90a) run only
+    on exactly X.Y.
+    """
+    major, minor = capability
+    for a in archs:
+        kind, _, num = a.partition("_")
+        specific = num.endswith(("a", "f"))
+        num = num.rstrip("af")
+        if not num.isdigit() or len(num) < 2:
+            continue
+        am, an = int(num[:-1]), int(num[-1])
+        if kind == "sm" and am == major and (an == minor if specific else an <= minor):
+            return True
+        if kind == "compute" and not specific and (am, an) <= (major, minor):
+            return True
+    return False
+
+
+_BUILD_HINT = ("CPU kernels: `pip install --no-build-isolation -e .`; CUDA kernels need "
+               "CUDA_HOME and a CUDA build of torch at build time.")
+
+
+_ARCH_MISMATCH: dict[int, str] = {}  # device index -> _arch_mismatch (devices do not change)
+
+
+def _arch_mismatch(device: torch.device) -> str:
+    """'' if the CUDA kernels can run on `device`, else why not and how to rebuild."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _ARCH_MISMATCH:
+        _ARCH_MISMATCH[index] = _arch_mismatch_uncached(index)
+    return _ARCH_MISMATCH[index]
+
+
+def _arch_mismatch_uncached(index: int) -> str:
+    cap = torch.cuda.get_device_capability(index)
+    if arch_runs_on(cuda_archs, cap):
+        return ""
+    name = torch.cuda.get_device_name(index)
+    return (f"fusedloss's CUDA kernels were built for {' '.join(cuda_archs) or 'no arch'}, "
+            f"which cannot run on cuda:{index} ({name}, compute capability {cap[0]}.{cap[1]}, "
+            f"sm_{cap[0]}{cap[1]}). Rebuild for it: TORCH_CUDA_ARCH_LIST=\"{cap[0]}.{cap[1]}\" "
+            f"pip install --no-build-isolation -e . (with the GPU visible and "
+            f"TORCH_CUDA_ARCH_LIST unset, the build targets the GPUs present).")
+
+
 def _supports(device: torch.device) -> bool:
     if device.type == "cpu":
         return loaded_cpu_isa is not None
     if device.type == "cuda":
-        return cuda_built and torch.cuda.is_available()
+        if not (cuda_built and torch.cuda.is_available()):
+            return False
+        why = _arch_mismatch(device)
+        # backend="native" reports the hint of the device it was last refused for.
+        _BACKEND.build_hint = why or _BUILD_HINT
+        return not why
     return False
 
 
+_BACKEND = None
 try:
     _reason = _load()
 except OSError as e:  # a stale or foreign build (e.g. built against another torch)
@@ -68,14 +133,14 @@ else:
 
     _ops.register_fakes("fusedloss")  # fake kernels for torch.compile
 
-    _backend.register(_backend.Backend(
+    _BACKEND = _backend.Backend(
         name="native",
         ops=torch.ops.fusedloss,
         supports=_supports,
         priority={"cpu": 0, "cuda": 0},
-        build_hint="CPU kernels: `pip install --no-build-isolation -e .`; CUDA kernels need "
-        "CUDA_HOME and a CUDA build of torch at build time.",
-    ))
+        build_hint=_BUILD_HINT,
+    )
+    _backend.register(_BACKEND)
 
 
 def check_errors(device=None) -> None:
