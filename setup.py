@@ -158,7 +158,14 @@ def _extensions():
     else:
         exts.append(cpp_extension.CppExtension(
             "fusedloss._C", ["csrc/ops.cpp"], extra_compile_args={"cxx": ["-O2"]}))
-    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
+    return _selected(exts), {
+        "build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+def _selected(exts):
+    """FUSEDLOSS_EXTS=_C,_cpu_avx2: build only these extensions (iterating on one of them)."""
+    want = [w.strip() for w in os.environ.get("FUSEDLOSS_EXTS", "").split(",") if w.strip()]
+    return [e for e in exts if not want or e.name.split(".")[-1] in want]
 
 
 # FUSEDLOSS_NO_EXT=1: register the package (editable install) without compiling; the Makefile

@@ -139,10 +139,9 @@ tests() {  # three pytest runs, each limited: a hang costs one test (deadline) o
     echo "KEY $what: $(tail -n 1 "$GPU_CHECK_TMP/pytest.out") (exit $r)"
     return $r
   }
-  run "cuda ops" 90 tests/test_cuda.py tests/test_cuda_build.py tests/test_cuda_graphs.py || rc=1
+  run "cuda ops" 90 tests/test_cuda*.py || rc=1
   run "triton ops" 60 tests/test_triton_ops.py || rc=1
-  run "suite on cuda" 90 tests -k cuda --ignore=tests/test_cuda.py \
-    --ignore=tests/test_cuda_build.py --ignore=tests/test_cuda_graphs.py \
+  run "suite on cuda" 90 tests -k cuda --ignore-glob='tests/test_cuda*.py' \
     --ignore=tests/test_triton_ops.py --ignore=tests/test_native_cpu.py \
     --ignore=tests/test_triton_aot.py || rc=1
   return $rc

@@ -21,7 +21,8 @@ from . import _backend
 _ISA_ORDER = {"AVX512": ["avx512", "avx2", "default"], "AVX2": ["avx2", "default"]}
 loaded_cpu_isa: str | None = None
 cuda_built = False
-cuda_archs: tuple[str, ...] = ()  # e.g. ("sm_80", "sm_90", "compute_90"); () without CUDA
+# e.g. ("sm_80", "sm_90", "compute_90"); () without CUDA; None: a build that does not record it
+cuda_archs: tuple[str, ...] | None = ()
 
 
 def _origin(module: str) -> str | None:
@@ -45,7 +46,7 @@ def _load() -> str:
         try:
             cuda_archs = tuple(torch.ops.fusedloss_cuda.arch_list().split())
         except (AttributeError, RuntimeError):  # a build from before the list was recorded
-            cuda_archs = ()
+            cuda_archs = None
     forced = os.environ.get("FUSEDLOSS_CPU_ISA")
     cap = torch.backends.cpu.get_cpu_capability()
     order = [forced] if forced else _ISA_ORDER.get(cap, ["default"])
@@ -97,7 +98,7 @@ def _arch_mismatch(device: torch.device) -> str:
 
 def _arch_mismatch_uncached(index: int) -> str:
     cap = torch.cuda.get_device_capability(index)
-    if arch_runs_on(cuda_archs, cap):
+    if cuda_archs is None or arch_runs_on(cuda_archs, cap):  # None: unknown, let CUDA decide
         return ""
     name = torch.cuda.get_device_name(index)
     return (f"fusedloss's CUDA kernels were built for {' '.join(cuda_archs) or 'no arch'}, "
