@@ -1,184 +1,220 @@
 """torch.autograd.Functions over the backend ops: what each loss saves for backward.
 
 Both Functions work on the 2-D (rows, classes) view built by functional.py and return the
-loss already reduced ("mean"/"sum": a 0-dim tensor; "none": per row / per element), plus the
-decodings as non-differentiable outputs.
+loss already reduced ("mean"/"sum": a 0-dim tensor; "none": per row / per element), the
+decodings as non-differentiable outputs, and last the fused gradient (an internal output the
+functional drops; empty when not computed). They use `setup_context` and have a vmap rule,
+so torch.func.grad / vmap / jacrev compose with them.
 
-Gradient strategy (docs/OPS.md, DESIGN.md "Kernel contract"):
+Gradient strategy (docs/OPS.md):
 - "mean"/"sum" with autograd on: the forward op writes d(loss)/d(logits) in the same pass that
   computes the loss (pre-scaled by 1/denominator for "mean", a device scalar: no sync). backward
-  only multiplies it by the incoming gradient, in place, with `scale_grad_`, which does nothing
-  when that gradient is 1 (the usual `loss.backward()`).
-- A second backward through the same graph (retain_graph=True) must not scale the buffer twice:
-  it recomputes the gradient from the saved logits and lse instead. The fused gradient buffer
-  is kept on ctx, not in save_for_backward: backward scales it in place, which would otherwise
-  trip the saved-tensor version check on that second backward.
-- "none": the forward saves (logits, target, weight, lse) and backward recomputes the softmax
-  from the saved lse (`*_bwd` ops), since the incoming gradient differs per row.
-- inplace_backward=True: the gradient overwrites the logits (softmax_ce_fwd_inplace); the op is
-  registered as mutating its input, so autograd's version counter sees the write and any other
-  use of the overwritten logits in backward raises instead of silently using the gradient.
+  multiplies it by the incoming gradient in place (`scale_grad_`, a no-op when that gradient is
+  1) and hands it to autograd: ctx drops its reference first, so AccumulateGrad can adopt the
+  buffer as `.grad` instead of copying it.
+- A second backward through the same graph (retain_graph=True) recomputes the gradient from the
+  saved inputs with the backward op (bitwise equal to the fused one), then scales it.
+- "none": backward recomputes with the backward op, since the incoming gradient differs per row.
+- backward under create_graph=True, inside torch.func transforms, or for gradients the kernels do
+  not produce (probability targets, class weights) uses _diff_grads: differentiable torch ops.
+- inplace_backward=True: the gradient overwrites the logits (softmax_ce_fwd_inplace); the op
+  mutates its input, so autograd's version counter is bumped and any other use of the
+  overwritten logits in backward raises instead of silently using the gradient.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from . import _backend
-from . import reference as ref
+from . import _backend, _diff_grads, _vmap_rules
+from ._checks import functorch_active
+
+
+class CEConfig(NamedTuple):
+    """Everything but the tensors that SoftmaxCrossEntropyFunction needs, by name."""
+    backend: str
+    ignore_index: int
+    label_smoothing: float
+    lse_square_scale: float
+    softcap: float
+    reduction: str
+    fused_grad: bool  # write the gradient in the forward pass ("mean"/"sum" with autograd)
+    inplace: bool  # ... into the logits
+    decode: bool
+    out_dtype: torch.dtype  # the loss's dtype (torch's result dtype)
+
+    def op_args(self):
+        return (self.ignore_index, self.label_smoothing, self.lse_square_scale, self.softcap)
+
+
+class BCEConfig(NamedTuple):
+    backend: str
+    reduction: str
+    fused_grad: bool
+    return_probs: bool
+    count: bool
+    out_dtype: torch.dtype
 
 
 def _ops(backend: str, device: torch.device):
     return _backend.get(backend, device).ops
 
 
+def _reduce(loss: Tensor, reduction: str, grad_scale: Tensor | None, out_dtype) -> Tensor:
+    if reduction == "none":
+        return loss.to(out_dtype)
+    if reduction == "sum":
+        return loss.sum().to(out_dtype)
+    return (loss.sum() * grad_scale).to(out_dtype)  # grad_scale = 1 / denominator on device
+
+
+def _differentiable_backward(ctx) -> bool:
+    """Must backward build a differentiable gradient (see _diff_grads)?"""
+    return torch.is_grad_enabled() or functorch_active()
+
+
+def _take_fused_grad(ctx) -> Tensor | None:
+    """The forward's gradient buffer, once: ctx forgets it so autograd may adopt it."""
+    grad, ctx.fused_grad = ctx.fused_grad, None
+    return grad
+
+
 class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, weight, grad_scale, backend: str,
-                ignore_index: int, label_smoothing: float, lse_square_scale: float,
-                softcap: float, reduction: str, needs_grad: bool, inplace: bool, decode: bool):
-        ops = _ops(backend, logits.device)
-        args = (ignore_index, label_smoothing, lse_square_scale, softcap)
-        fused_grad = needs_grad and reduction != "none"
-        ctx.meta = (backend, args, reduction, inplace)
-        ctx.consumed = False
-        if fused_grad and inplace:
-            loss, lse, pred, conf = ops.softmax_ce_fwd_inplace(
-                logits, target, weight, grad_scale, *args, decode)
+    def forward(logits: Tensor, target: Tensor, weight, grad_scale, cfg: CEConfig):
+        ops = _ops(cfg.backend, logits.device)
+        grad = logits.new_empty((0,))
+        if cfg.fused_grad and cfg.inplace:
+            loss, _lse, pred, conf = ops.softmax_ce_fwd_inplace(
+                logits, target, weight, grad_scale, *cfg.op_args(), cfg.decode)
             if not torch.compiler.is_compiling():
                 # A C++ op's (a!) annotation does not bump autograd's version counter in eager
                 # mode (no ADInplaceOrView kernel); do it so stale uses of the logits raise.
                 torch.autograd.graph.increment_version(logits)
-            ctx.save_for_backward(logits, target, weight, lse, grad_scale)
-            ctx.fused_grad = logits
         else:
-            loss, lse, grad, pred, conf = ops.softmax_ce_fwd(
-                logits, target, weight, grad_scale, *args, fused_grad, decode)
-            if fused_grad:
-                ctx.save_for_backward(logits, target, weight, lse, grad_scale)
-                ctx.fused_grad = grad
-            elif needs_grad:
-                ctx.save_for_backward(logits, target, weight, lse)
-        if reduction == "none":
-            out = loss.to(logits.dtype)
-        elif reduction == "sum":
-            out = loss.sum().to(logits.dtype)
-        else:  # mean: grad_scale holds 1/denominator on the device
-            out = (loss.sum() * grad_scale).to(logits.dtype)
-        ctx.mark_non_differentiable(pred, conf)
-        return out, pred, conf
+            loss, _lse, fwd_grad, pred, conf = ops.softmax_ce_fwd(
+                logits, target, weight, grad_scale, *cfg.op_args(), cfg.fused_grad, cfg.decode)
+            if cfg.fused_grad:
+                grad = fwd_grad
+        return _reduce(loss, cfg.reduction, grad_scale, cfg.out_dtype), pred, conf, grad
 
     @staticmethod
-    def backward(ctx, grad_out, _gpred, _gconf):
-        backend, args, reduction, inplace = ctx.meta
-        saved = ctx.saved_tensors
-        logits, target, weight, lse = saved[:4]
-        ops = _ops(backend, logits.device)
-        grad_logits = grad_target = None
-        if reduction == "none":
-            grad_logits = ops.softmax_ce_bwd(grad_out, logits, target, weight, *args)
-        elif not ctx.consumed:
-            grad_logits = ctx.fused_grad
-            ops.scale_grad_(grad_logits, grad_out)
-        elif inplace:
-            raise RuntimeError(
-                "fusedloss.cross_entropy(inplace_backward=True): the logits were overwritten "
-                "by the gradient, so backward can run only once (retain_graph=True is not "
-                "supported); use inplace_backward=False")
-        else:  # second backward (retain_graph=True): recompute as the forward did, then scale
-            grad_scale = saved[4]
-            rows = torch.ones((), dtype=lse.dtype, device=lse.device) if grad_scale is None \
-                else grad_scale
-            grad_logits = ops.softmax_ce_bwd(rows.expand(logits.shape[0]), logits, target,
-                                             weight, *args)
-            ops.scale_grad_(grad_logits, grad_out)
-        ctx.consumed = reduction != "none"
-        if ctx.needs_input_grad[1]:  # probability targets that require grad (distillation)
-            grad_target = _soft_target_grad(ctx, grad_out, logits, target, weight, lse, args,
-                                            reduction, saved)
-        return (grad_logits, grad_target) + (None,) * 11
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, grad_scale, cfg = inputs
+        _, pred, conf, grad = output
+        ctx.mark_non_differentiable(pred, conf, grad)
+        ctx.cfg = cfg
+        ctx.fused_grad = None
+        if cfg.fused_grad:
+            ctx.fused_grad = logits if cfg.inplace else grad
+        ctx.save_for_backward(logits, target, weight, grad_scale)
+
+    @staticmethod
+    def backward(ctx, grad_out, _gpred, _gconf, _ggrad):
+        logits, target, weight, grad_scale = ctx.saved_tensors
+        cfg = ctx.cfg
+        need = tuple(ctx.needs_input_grad[:3])
+        if _differentiable_backward(ctx) or need[1] or need[2]:
+            fused = _take_fused_grad(ctx)
+            if cfg.inplace and fused is None and need[0]:
+                _raise_inplace_twice()
+            row_g = _diff_grads.ce_row_scale(grad_out, grad_scale, logits.shape[0],
+                                             cfg.reduction, _acc_dtype(logits))
+            d_logits, d_target, d_weight = _diff_grads.ce_grads(logits, target, weight, row_g,
+                                                                cfg, need)
+            return d_logits, d_target, d_weight, None, None
+        return _ce_logits_grad(ctx, grad_out, logits, target, weight, grad_scale), \
+            None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, weight, grad_scale, cfg):
+        return _vmap_rules.ce_vmap(SoftmaxCrossEntropyFunction, info, in_dims, logits, target,
+                                   weight, grad_scale, cfg)
 
 
-def _soft_target_grad(ctx, grad_out, logits, target, weight, lse, args, reduction, saved):
-    """d loss / d y_c = (1 - eps) * w_c * (lse - z_c), times the row's incoming gradient."""
-    _, eps, _, softcap = args
-    z = ref.apply_softcap(logits.to(ref.compute_dtype(logits.dtype)), softcap)
-    g = (1 - eps) * (lse.to(z.dtype).unsqueeze(-1) - z)
-    if weight is not None:
-        g = g * weight.to(z.dtype)
-    if reduction == "none":
-        g = g * grad_out.to(z.dtype).unsqueeze(-1)
-    else:
-        g = g * grad_out.to(z.dtype)
-        if reduction == "mean":
-            g = g * saved[4].to(z.dtype)
-    return g.to(target.dtype)
+def _acc_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _raise_inplace_twice():
+    raise RuntimeError(
+        "fusedloss.cross_entropy(inplace_backward=True): the logits were overwritten by the "
+        "gradient, so backward can run only once (retain_graph=True and create_graph=True are "
+        "not supported); use inplace_backward=False")
+
+
+def _ce_logits_grad(ctx, grad_out, logits, target, weight, grad_scale):
+    cfg = ctx.cfg
+    ops = _ops(cfg.backend, logits.device)
+    if cfg.reduction == "none":
+        return ops.softmax_ce_bwd(grad_out, logits, target, weight, *cfg.op_args())
+    grad = _take_fused_grad(ctx)
+    if grad is None:
+        if cfg.inplace:
+            _raise_inplace_twice()
+        # retain_graph=True second backward: recompute exactly as the forward did, then scale
+        rows = torch.ones((), dtype=_acc_dtype(logits), device=logits.device) \
+            if grad_scale is None else grad_scale
+        grad = ops.softmax_ce_bwd(rows.expand(logits.shape[0]), logits, target, weight,
+                                  *cfg.op_args())
+    ops.scale_grad_(grad, grad_out)
+    return grad
 
 
 class SigmoidBCEFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: Tensor, target: Tensor, weight, pos_weight, grad_scale,
-                threshold, backend: str, reduction: str, needs_grad: bool, return_probs: bool,
-                count: bool):
-        ops = _ops(backend, logits.device)
-        reduce_rows = reduction != "none"
-        fused_grad = needs_grad and reduce_rows
+    def forward(logits: Tensor, target: Tensor, weight, pos_weight, grad_scale, threshold,
+                cfg: BCEConfig):
+        ops = _ops(cfg.backend, logits.device)
         loss, grad, labels, probs, counts = ops.sigmoid_bce_fwd(
-            logits, target, weight, pos_weight, grad_scale, threshold, reduce_rows, fused_grad,
-            return_probs, count)
-        ctx.meta = (backend, reduction)
-        ctx.consumed = False
-        if fused_grad:
-            ctx.save_for_backward(logits, target, weight, pos_weight, grad_scale)
-            ctx.fused_grad = grad
-        elif needs_grad:
-            ctx.save_for_backward(logits, target, weight, pos_weight)
-        if reduction == "none":
-            out = loss
-        elif reduction == "sum":
-            out = loss.sum()
-        else:
-            out = loss.sum() * grad_scale
-        out = out.to(logits.dtype)
-        ctx.mark_non_differentiable(labels, probs, counts)
-        return out, labels, probs, counts
+            logits, target, weight, pos_weight, grad_scale, threshold, cfg.reduction != "none",
+            cfg.fused_grad, cfg.return_probs, cfg.count)
+        if not cfg.fused_grad:
+            grad = logits.new_empty((0,))
+        return _reduce(loss, cfg.reduction, grad_scale, cfg.out_dtype), labels, probs, counts, \
+            grad
 
     @staticmethod
-    def backward(ctx, grad_out, _gl, _gp, _gc):
-        backend, reduction = ctx.meta
-        saved = ctx.saved_tensors
-        logits, target, weight, pos_weight = saved[:4]
-        ops = _ops(backend, logits.device)
-        grad_logits = grad_target = None
-        if ctx.needs_input_grad[0]:
-            if reduction == "none":
-                grad_logits = ops.sigmoid_bce_bwd(grad_out, logits, target, weight, pos_weight)
-            elif not ctx.consumed:
-                grad_logits = ctx.fused_grad
-                ops.scale_grad_(grad_logits, grad_out)
-                ctx.consumed = True
-            else:  # second backward (retain_graph=True): recompute as the forward did
-                g = saved[4] if saved[4] is not None else \
-                    torch.ones((), dtype=torch.float32, device=logits.device)
-                grad_logits = ops.sigmoid_bce_bwd(g.expand(logits.shape), logits, target,
-                                                  weight, pos_weight)
-                ops.scale_grad_(grad_logits, grad_out)
-        if ctx.needs_input_grad[1]:
-            grad_target = _bce_target_grad(grad_out, logits, target, weight, pos_weight,
-                                           reduction, saved)
-        return (grad_logits, grad_target) + (None,) * 9
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, pos_weight, grad_scale, _threshold, cfg = inputs
+        _, labels, probs, counts, grad = output
+        ctx.mark_non_differentiable(labels, probs, counts, grad)
+        ctx.cfg = cfg
+        ctx.fused_grad = grad if cfg.fused_grad else None
+        ctx.save_for_backward(logits, target, weight, pos_weight, grad_scale)
+
+    @staticmethod
+    def backward(ctx, grad_out, _gl, _gp, _gc, _gg):
+        logits, target, weight, pos_weight, grad_scale = ctx.saved_tensors
+        cfg = ctx.cfg
+        need = tuple(ctx.needs_input_grad[:2])
+        if _differentiable_backward(ctx) or need[1]:
+            _take_fused_grad(ctx)
+            g = grad_out if cfg.reduction != "mean" else grad_out * grad_scale
+            d_logits, d_target = _diff_grads.bce_grads(logits, target, weight, pos_weight, g,
+                                                       need)
+        else:
+            d_logits, d_target = _bce_logits_grad(ctx, grad_out, logits, target, weight,
+                                                  pos_weight, grad_scale), None
+        return d_logits, d_target, None, None, None, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, weight, pos_weight, grad_scale, threshold, cfg):
+        return _vmap_rules.bce_vmap(SigmoidBCEFunction, info, in_dims, logits, target, weight,
+                                    pos_weight, grad_scale, threshold, cfg)
 
 
-def _bce_target_grad(grad_out, logits, target, weight, pos_weight, reduction, saved):
-    """d loss / d y = w * (-x + (p - 1) * softplus(-x)), times the incoming gradient."""
-    x = logits.to(ref.compute_dtype(logits.dtype))
-    sp = torch.nn.functional.softplus(-x)
-    g = -x if pos_weight is None else -x + (pos_weight.to(x.dtype) - 1) * sp
-    if weight is not None:
-        g = g * weight.to(x.dtype)
-    if reduction == "mean" and len(saved) > 4 and saved[4] is not None:
-        g = g * saved[4].to(x.dtype)
-    elif reduction == "mean":
-        g = g / max(x.numel(), 1)
-    return (g * grad_out.to(x.dtype)).to(target.dtype)
+def _bce_logits_grad(ctx, grad_out, logits, target, weight, pos_weight, grad_scale):
+    ops = _ops(ctx.cfg.backend, logits.device)
+    if ctx.cfg.reduction == "none":
+        return ops.sigmoid_bce_bwd(grad_out, logits, target, weight, pos_weight)
+    grad = _take_fused_grad(ctx)
+    if grad is None:  # retain_graph=True second backward: recompute as the forward did
+        g = torch.ones((), dtype=_acc_dtype(logits), device=logits.device) \
+            if grad_scale is None else grad_scale
+        grad = ops.sigmoid_bce_bwd(g.expand(logits.shape), logits, target, weight, pos_weight)
+    ops.scale_grad_(grad, grad_out)
+    return grad

@@ -6,6 +6,18 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as F
+from ._checks import check_reduction, legacy_reduction
+
+
+class _NotScriptable:
+    """torch.jit.script of these modules fails with a clear error instead of a compiler error on
+    the keyword-only arguments (TorchScript is deprecated; torch.compile supports them)."""
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"fusedloss.{type(self).__name__} does not support TorchScript "
+            "(torch.jit.script); TorchScript is deprecated in PyTorch. Use torch.compile, "
+            "or torch.nn's loss for a scripted model.")
 
 
 def _check_weight_once(name: str, value: Tensor | None) -> None:
@@ -14,7 +26,7 @@ def _check_weight_once(name: str, value: Tensor | None) -> None:
         raise ValueError(f"{name} contains NaN")
 
 
-class CrossEntropyLoss(nn.Module):
+class CrossEntropyLoss(_NotScriptable, nn.Module):
     """torch.nn.CrossEntropyLoss with fused kernels; extras are keyword-only (docs/API.md)."""
 
     def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100,
@@ -24,8 +36,8 @@ class CrossEntropyLoss(nn.Module):
                  return_decoding: bool = False):
         super().__init__()
         if size_average is not None or reduce is not None:
-            reduction = F.legacy_reduction(size_average, reduce)
-        F._check_reduction(reduction)
+            reduction = legacy_reduction(size_average, reduce)
+        check_reduction(reduction)
         _check_weight_once("weight", weight)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -45,7 +57,7 @@ class CrossEntropyLoss(nn.Module):
             inplace_backward=self.inplace_backward, return_decoding=self.return_decoding)
 
 
-class BCEWithLogitsLoss(nn.Module):
+class BCEWithLogitsLoss(_NotScriptable, nn.Module):
     """torch.nn.BCEWithLogitsLoss with fused kernels; decodings by keyword (docs/API.md)."""
 
     def __init__(self, weight: Tensor | None = None, size_average=None, reduce=None,
@@ -54,8 +66,8 @@ class BCEWithLogitsLoss(nn.Module):
                  return_probs: bool = False, return_counts: bool = False):
         super().__init__()
         if size_average is not None or reduce is not None:
-            reduction = F.legacy_reduction(size_average, reduce)
-        F._check_reduction(reduction)
+            reduction = legacy_reduction(size_average, reduce)
+        check_reduction(reduction)
         _check_weight_once("weight", weight)
         _check_weight_once("pos_weight", pos_weight)
         self.register_buffer("weight", weight)

@@ -1,0 +1,119 @@
+"""Argument checks shared by the functionals and modules: torch's error types, the argument named.
+
+Checks that read data (NaN, ranges) run only in eager mode outside torch.func transforms: under
+torch.compile they cannot be traced without a graph break, and under vmap a batched tensor
+cannot be read on the host. Python numbers may arrive as symbolic ints/floats under
+torch.compile(dynamic=True); they are passed through unchecked (the eager call checks them).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+
+_DTYPE_NAMES = {torch.int32: "Int", torch.float32: "Float", torch.float64: "Double",
+                torch.int64: "Long", torch.int16: "Short", torch.bool: "Bool",
+                torch.float16: "Half", torch.bfloat16: "BFloat16", torch.int8: "Char",
+                torch.uint8: "Byte"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch's short name of a dtype, as its error messages spell it."""
+    return _DTYPE_NAMES.get(dtype, str(dtype))
+
+
+def functorch_active() -> bool:
+    """True inside torch.func.grad / vmap / jacrev / ...: tensors may be wrapped or batched."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def eager() -> bool:
+    """May a check read tensor data (host sync, data-dependent branch)?"""
+    return not torch.compiler.is_compiling() and not functorch_active()
+
+
+def is_symbolic(value) -> bool:
+    """A number that may be traced (symbolic) rather than known: under torch.compile every
+    Python number is treated so (dynamic=True makes floats and ints symbolic); the ops check
+    their scalar arguments again."""
+    return torch.compiler.is_compiling() or \
+        isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def legacy_reduction(size_average, reduce, emit_warning: bool = True, stacklevel: int = 3) -> str:
+    """torch's mapping of the deprecated size_average/reduce pair to a reduction string."""
+    size_average = True if size_average is None else size_average
+    reduce = True if reduce is None else reduce
+    if emit_warning:
+        warnings.warn("size_average and reduce args will be deprecated, please use "
+                      "reduction='none' instead." if not reduce else
+                      "size_average and reduce args will be deprecated, please use "
+                      f"reduction='{'mean' if size_average else 'sum'}' instead.",
+                      stacklevel=stacklevel)
+    if not reduce:
+        return "none"
+    return "mean" if size_average else "sum"
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{reduction} is not a valid value for reduction "
+                         f"(reduction={reduction!r}; expected one of {REDUCTIONS})")
+
+
+def check_tensor(name: str, value) -> None:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(value).__name__}")
+
+
+def check_floating_input(name: str, x: Tensor, op: str) -> None:
+    if not x.is_floating_point():
+        raise NotImplementedError(f"{op}: {name} must be a floating point tensor, got dtype "
+                                  f"{x.dtype}")
+
+
+def check_same_device(name: str, t: Tensor | None, x: Tensor) -> None:
+    if t is not None and t.device != x.device:
+        raise RuntimeError(f"{name} is on device {t.device} but input is on {x.device}; "
+                           "move them to the same device")
+
+
+def check_no_nan(name: str, t: Tensor | None) -> None:
+    if t is not None and t.device.type == "cpu" and t.numel() and eager() \
+            and bool(torch.isnan(t).any()):
+        raise ValueError(f"{name} contains NaN: {t.tolist() if t.numel() <= 8 else '...'}")
+
+
+def check_number(name: str, value, lo=-math.inf, hi=math.inf):
+    """A real number in [lo, hi] (NaN rejected); a 0-dim real tensor is read like torch does."""
+    if is_symbolic(value) and not isinstance(value, (bool, str, Tensor)):
+        return value
+    if isinstance(value, Tensor) and value.dim() == 0 and value.dtype != torch.bool \
+            and not value.is_complex():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number (float), got {type(value).__name__}: "
+                        f"{value!r}")
+    value = float(value)
+    if not (lo <= value <= hi) or math.isnan(value):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_int(name: str, value):
+    """An int like torch's `int` arguments: bool and float raise TypeError; a 0-dim integer
+    tensor (or numpy integer) is read."""
+    if is_symbolic(value) and not isinstance(value, (bool, float, str, Tensor)):
+        return value
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and value.dtype != torch.bool and not value.is_complex():
+        return int(value.item())
+    if isinstance(value, (bool, Tensor)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be int, not {type(value).__name__} ({name}={value!r})")
+    return int(value)

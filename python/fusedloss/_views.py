@@ -1,0 +1,156 @@
+"""The 2-D (rows, classes) views the ops work on, built from torch's argument shapes, and the
+shape checks torch makes on the way (same error types, the argument named).
+
+Ops may assume unit stride along classes and rows that do not overlap (docs/OPS.md); a tensor
+without them (transposed, sliced along classes, expanded) is copied once here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+from ._checks import check_no_nan, check_same_device, check_tensor, dtype_name, eager
+
+
+def rows(x: Tensor) -> Tensor:
+    """`x` (R, C) with unit class stride and non-overlapping rows, copied only when needed."""
+    r, c = x.shape
+    if (c <= 1 or x.stride(1) == 1) and (r <= 1 or x.stride(0) >= max(c, 1)):
+        return x
+    return x.contiguous()
+
+
+def ce_views(input: Tensor, target: Tensor, ignore_index: int):
+    """(x2 (R, C), t2, output shape, is_probability_target) following torch's rules."""
+    if input.shape == target.shape:  # class probabilities
+        if not target.is_floating_point():
+            raise RuntimeError("Expected floating point type for target with class "
+                               f"probabilities, got {dtype_name(target.dtype)} (target)")
+        if input.dim() == 0:
+            raise IndexError("Dimension specified as 1 but tensor has no dimensions "
+                             "(input must have a class dimension)")
+        if ignore_index != -100:
+            raise RuntimeError("ignore_index is not supported for floating point target "
+                               f"(ignore_index={ignore_index})")
+        if input.dim() == 1:
+            return rows(input.unsqueeze(0)), rows(target.unsqueeze(0)), (), True
+        c = input.shape[1]
+        shape = input.shape[:1] + input.shape[2:]
+        return (rows(input.movedim(1, -1).reshape(-1, c)),
+                rows(target.movedim(1, -1).reshape(-1, c)), shape, True)
+    if target.dtype not in (torch.int64, torch.uint8):
+        raise RuntimeError("expected target dtype to be Long or Byte, but got "
+                           f"{dtype_name(target.dtype)} (target)")
+    if input.dim() == 0:
+        raise ValueError("input must have a class dimension, got a 0-d tensor")
+    if input.dim() == 1:
+        if target.dim() > 1 or target.numel() != 1:
+            raise ValueError(f"Expected input batch_size (1) to match target batch_size "
+                             f"({target.numel()}) (input is a single (C,) sample)")
+        return rows(input.unsqueeze(0)), target.reshape(1).long(), target.shape, False
+    _check_index_target_shape(input, target)
+    c = input.shape[1]
+    x2 = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, c)
+    return rows(x2), target.reshape(-1).long().contiguous(), target.shape, False
+
+
+def _check_index_target_shape(input: Tensor, target: Tensor) -> None:
+    if input.dim() == 2:
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported "
+                               f"(target.shape={tuple(target.shape)})")
+    elif target.dim() != input.dim() - 1:
+        raise RuntimeError("only batches of spatial targets supported "
+                           f"({input.dim() - 1}D tensors) but got targets of dimension: "
+                           f"{target.dim()}")
+    batch_t = target.shape[0] if target.dim() > 0 else 0
+    if batch_t != input.shape[0]:
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target "
+                         f"batch_size ({batch_t}).")
+    if input.dim() > 2 and target.shape[1:] != input.shape[2:]:
+        raise RuntimeError(f"size mismatch (got input: {list(input.shape)} , target: "
+                           f"{list(target.shape)})")
+
+
+def check_class_weight(weight: Tensor | None, x2: Tensor) -> None:
+    if weight is None:
+        return
+    check_tensor("weight", weight)
+    c = x2.shape[-1]
+    if weight.dim() != 1 or weight.numel() != c:
+        raise RuntimeError(f"weight tensor should be defined either for all {c} classes or no "
+                           f"classes but got weight tensor of shape: {list(weight.shape)}")
+    check_same_device("weight", weight, x2)
+    check_no_nan("weight", weight)
+
+
+def bce_views(input: Tensor, target: Tensor):
+    if target.shape != input.shape:
+        raise ValueError(f"Target size ({target.shape}) must be the same as input size "
+                         f"({input.shape})")
+    if not (target.is_floating_point() or target.dtype in (torch.bool, torch.uint8)):
+        raise RuntimeError(f"result type Float can't be cast to the desired output type "
+                           f"{dtype_name(target.dtype)} (target must be floating point, bool "
+                           "or uint8)")
+    c = input.shape[-1] if input.dim() > 0 else 1
+    r = input.numel() // c if c else 0
+    return rows(input.reshape(r, c)), rows(target.reshape(r, c))
+
+
+def broadcast_view(name: str, value: Tensor | None, input: Tensor, x2: Tensor):
+    """Broadcast weight/pos_weight to input's shape as a (R, C) view (strides may be 0), in
+    the accumulation dtype of the logits."""
+    if value is None:
+        return None
+    check_tensor(name, value)
+    check_same_device(name, value, input)
+    if value.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"binary_cross_entropy_with_logits is not differentiable with "
+                           f"respect to argument '{name}' (as in torch): {name} cannot have "
+                           "requires_grad=True; detach it")
+    try:
+        full = torch.broadcast_shapes(value.shape, input.shape)
+    except RuntimeError as e:
+        raise RuntimeError(f"{name} of shape {list(value.shape)} does not broadcast to input "
+                           f"of shape {list(input.shape)}: {e}") from None
+    if full != input.shape:
+        raise RuntimeError(f"{name} of shape {list(value.shape)}: output with shape "
+                           f"{list(input.shape)} doesn't match the broadcast shape {list(full)}")
+    check_no_nan(name, value)
+    return value.to(ref.compute_dtype(x2.dtype)).expand(input.shape).reshape(x2.shape)
+
+
+def logit_threshold(threshold, logit_thr, num_classes: int, device) -> Tensor | None:
+    """(C,) fp32 logit-space thresholds, validated; None when neither is given."""
+    if threshold is not None and logit_thr is not None:
+        raise ValueError("give either threshold (probability) or logit_threshold, not both")
+    if threshold is None and logit_thr is None:
+        return None
+    name, value = ("threshold", threshold) if threshold is not None \
+        else ("logit_threshold", logit_thr)
+    if isinstance(value, Tensor):
+        if value.dim() > 1 or value.numel() not in (1, num_classes):
+            raise ValueError(f"{name} must be a scalar or have one value per class "
+                             f"({num_classes}), got shape {list(value.shape)}")
+        v = value.detach().to(torch.float64)
+        if name == "threshold":
+            bad = ~((v > 0) & (v < 1))
+            if eager() and bool(bad.any()):
+                raise ValueError(f"threshold must be in (0, 1), got {v[bad][0].item()}")
+            v = torch.logit(v)
+        elif eager() and bool(torch.isnan(v).any()):
+            raise ValueError("logit_threshold contains NaN")
+        return v.float().reshape(-1).expand(num_classes).to(device).contiguous()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float or a Tensor, got {type(value).__name__}")
+    if name == "threshold":
+        if not 0.0 < float(value) < 1.0:
+            raise ValueError(f"threshold must be in (0, 1), got {value}")
+        value = ref.logit_threshold(float(value))
+    elif math.isnan(float(value)):
+        raise ValueError("logit_threshold is NaN")
+    return torch.full((num_classes,), float(value), dtype=torch.float32, device=device)

@@ -1,0 +1,182 @@
+"""Arguments as existing code passes them, on every backend, against torch.nn.functional: types
+torch rejects (same exception type), mixed dtypes torch promotes, non-contiguous and expanded
+tensors, module state (state_dict, deepcopy, pickle) and TorchScript."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedloss
+from helpers import assert_close, assert_no_worse_than_torch
+
+R, C = 4, 6
+
+
+def _x(device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (2 * torch.randn(R, C, generator=g, dtype=torch.float64)).to(device, dtype)
+
+
+def _t(device):
+    return torch.tensor([0, 5, 2, 1], device=device)
+
+
+@pytest.mark.parametrize("value", [1.5, True, "1", None], ids=["float", "bool", "str", "none"])
+def test_ignore_index_must_be_int(dev_backend, value):
+    device, backend = dev_backend
+    x, t = _x(device), _t(device)
+    with pytest.raises(TypeError):
+        F.cross_entropy(x, t, ignore_index=value)
+    with pytest.raises(TypeError, match="ignore_index"):
+        fusedloss.cross_entropy(x, t, ignore_index=value, backend=backend)
+
+
+def test_number_arguments_torch_accepts(dev_backend):
+    """An int label_smoothing and 0-dim tensors for ignore_index/label_smoothing work in
+    torch; they work here with the same values."""
+    device, backend = dev_backend
+    x, t = _x(device), _t(device)
+    for kw in (dict(label_smoothing=1), dict(ignore_index=torch.tensor(5)),
+               dict(label_smoothing=torch.tensor(0.25))):
+        assert_close(fusedloss.cross_entropy(x, t, **kw, backend=backend),
+                     F.cross_entropy(x, t, **kw), torch.float32, msg=str(kw))
+    with pytest.raises(TypeError, match="label_smoothing"):
+        fusedloss.cross_entropy(x, t, label_smoothing="0.1", backend=backend)
+
+
+# (input dtype, target dtype, weight dtype): torch's result is the promoted dtype
+MIXED = [(torch.bfloat16, torch.float32, None), (torch.float32, torch.float64, None),
+         (torch.float32, torch.float32, torch.float64), (torch.bfloat16, torch.bfloat16,
+                                                         torch.float32),
+         (torch.float64, torch.float32, None)]
+
+
+@pytest.mark.parametrize("dtypes", MIXED, ids=lambda d: str(d).replace("torch.", ""))
+def test_probability_targets_with_mixed_dtypes_promote(dev_backend, dtypes):
+    device, backend = dev_backend
+    xd, td, wd = dtypes
+    x = _x(device, xd)
+    y = torch.softmax(_x(device, torch.float64, seed=1), -1).to(td)
+    w = None if wd is None else torch.linspace(0.5, 2, C, device=device, dtype=wd)
+    ours = fusedloss.cross_entropy(x, y, w, backend=backend)
+    theirs = F.cross_entropy(x, y, w)
+    assert ours.dtype == theirs.dtype
+    ref = F.cross_entropy(x.double(), y.double(), None if w is None else w.double())
+    assert_no_worse_than_torch(ours, theirs, ref, msg=str(dtypes))
+
+
+def test_bce_mixed_target_dtype(dev_backend):
+    """torch's result has the target's dtype; the values are the promoted computation's."""
+    device, backend = dev_backend
+    x = _x(device, torch.bfloat16)
+    y = torch.rand(R, C, device=device)
+    ours = fusedloss.binary_cross_entropy_with_logits(x, y, reduction="none", backend=backend)
+    theirs = F.binary_cross_entropy_with_logits(x, y, reduction="none")
+    assert ours.dtype == theirs.dtype == torch.float32
+    assert_close(ours, theirs, torch.float32)
+
+
+def _strided(device, kind, n, dtype=torch.float32):
+    """A (n,) tensor that is a slice with stride 2, or a stride-0 expansion of one value."""
+    if kind == "sliced":
+        return torch.linspace(0.5, 2.0, 2 * n, device=device, dtype=dtype)[1::2]
+    return torch.tensor(1.7, device=device, dtype=dtype).expand(n)
+
+
+@pytest.mark.parametrize("kind", ["sliced", "expanded"])
+def test_strided_class_weight(dev_backend, kind):
+    device, backend = dev_backend
+    x, t = _x(device), _t(device)
+    w = _strided(device, kind, C)
+    for red in ("mean", "none"):
+        assert_close(fusedloss.cross_entropy(x, t, w, reduction=red, backend=backend),
+                     F.cross_entropy(x, t, w, reduction=red), torch.float32, msg=red)
+
+
+@pytest.mark.parametrize("kind", ["sliced", "expanded"])
+def test_strided_bce_weights_and_target(dev_backend, kind):
+    device, backend = dev_backend
+    x = _x(device).requires_grad_()
+    w, pw = _strided(device, kind, C), _strided(device, kind, C)
+    y = torch.rand(C, 2 * R, device=device).t()[::2] if kind == "sliced" else \
+        torch.rand(1, C, device=device).expand(R, C)
+    got = fusedloss.binary_cross_entropy_with_logits(x, y, w, pos_weight=pw, backend=backend)
+    gx, = torch.autograd.grad(got, x)
+    want = F.binary_cross_entropy_with_logits(x, y, w, pos_weight=pw)
+    wx, = torch.autograd.grad(want, x)
+    assert_close(got, want, torch.float32)
+    assert_close(gx, wx, torch.float32)
+
+
+def test_expanded_and_transposed_logits(dev_backend):
+    device, backend = dev_backend
+    t = _t(device)
+    for x in (_x(device)[:1].expand(R, C), _x(device).t().contiguous().t(),
+              torch.randn(C, R, device=device).t()):
+        x = x.detach().requires_grad_()
+        got = fusedloss.cross_entropy(x, t, backend=backend)
+        gx, = torch.autograd.grad(got, x)
+        want = F.cross_entropy(x, t)
+        wx, = torch.autograd.grad(want, x)
+        assert_close(got, want, torch.float32)
+        assert_close(gx, wx, torch.float32)
+
+
+def _modules(backend, device):
+    w = torch.linspace(0.5, 2.0, C, device=device)
+    return [(fusedloss.CrossEntropyLoss(w, label_smoothing=0.1, backend=backend),
+             torch.nn.CrossEntropyLoss(w, label_smoothing=0.1), _t(device)),
+            (fusedloss.BCEWithLogitsLoss(w, pos_weight=w.flip(0), backend=backend),
+             torch.nn.BCEWithLogitsLoss(w, pos_weight=w.flip(0)),
+             torch.rand(R, C, device=device))]
+
+
+def test_module_state_dict_matches_torch(dev_backend):
+    device, backend = dev_backend
+    for ours, theirs, _ in _modules(backend, device):
+        sd, td = ours.state_dict(), theirs.state_dict()
+        assert list(sd) == list(td)
+        for k in td:
+            assert torch.equal(sd[k], td[k])
+        fresh = type(ours)(backend=backend)
+        fresh.load_state_dict(td, strict=False)  # torch's state loads into ours
+
+
+def test_module_deepcopy_pickle_and_save(dev_backend):
+    device, backend = dev_backend
+    x = _x(device)
+    for ours, theirs, tgt in _modules(backend, device):
+        want = theirs(x, tgt)
+        buf = io.BytesIO()
+        torch.save(ours, buf)
+        buf.seek(0)
+        copies = [copy.deepcopy(ours), pickle.loads(pickle.dumps(ours)),
+                  torch.load(buf, weights_only=False)]
+        for m in copies:
+            assert m.weight is not ours.weight
+            assert_close(m(x, tgt), want, torch.float32, msg=type(m).__name__)
+
+
+def test_module_moves_with_to(dev_backend):
+    device, backend = dev_backend
+    for ours, theirs, tgt in _modules(backend, device):
+        ours.double()
+        theirs.double()
+        assert ours.weight.dtype == theirs.weight.dtype == torch.float64
+        x = _x(device, torch.float64)
+        assert_close(ours(x, tgt.double() if tgt.is_floating_point() else tgt),
+                     theirs(x, tgt.double() if tgt.is_floating_point() else tgt),
+                     torch.float64)
+
+
+def test_torchscript_gives_a_clear_error(dev_backend):
+    device, backend = dev_backend
+    for ours, _, _ in _modules(backend, device):
+        with pytest.raises(RuntimeError, match="TorchScript"):
+            torch.jit.script(ours)
+        with pytest.raises(RuntimeError, match="TorchScript"):
+            torch.jit.script(torch.nn.Sequential(torch.nn.Identity(), ours))

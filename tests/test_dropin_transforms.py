@@ -1,0 +1,110 @@
+"""torch.func transforms over the losses, on every backend, against the same transforms over
+torch.nn.functional: grad, vmap, per-sample gradients (vmap(grad(...)), as Opacus and
+meta-learning code use them), jacrev."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, jacrev, vmap
+
+import fusedloss
+from helpers import assert_close
+
+B, R, C = 3, 2, 5
+F32 = torch.float32
+
+
+def _data(device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, R, C, generator=g).to(device)
+    t = torch.randint(0, C, (B, R), generator=g).to(device)
+    y = torch.rand(B, R, C, generator=g).to(device)
+    w = torch.linspace(0.5, 2.0, C).to(device)
+    return x, t, y, w
+
+
+# (id, ours(x, t_index, y_prob, w, backend), torch's(x, t, y, w)) on one sample (R, C)
+LOSSES = [
+    ("ce_mean_weight", lambda x, t, y, w, b: fusedloss.cross_entropy(x, t, w, backend=b),
+     lambda x, t, y, w: F.cross_entropy(x, t, w)),
+    ("ce_sum_smooth", lambda x, t, y, w, b: fusedloss.cross_entropy(
+        x, t, reduction="sum", label_smoothing=0.1, backend=b),
+     lambda x, t, y, w: F.cross_entropy(x, t, reduction="sum", label_smoothing=0.1)),
+    ("ce_prob", lambda x, t, y, w, b: fusedloss.cross_entropy(x, y.softmax(-1), backend=b),
+     lambda x, t, y, w: F.cross_entropy(x, y.softmax(-1))),
+    ("bce_mean_pos_weight", lambda x, t, y, w, b: fusedloss.binary_cross_entropy_with_logits(
+        x, y, pos_weight=w, backend=b),
+     lambda x, t, y, w: F.binary_cross_entropy_with_logits(x, y, pos_weight=w)),
+]
+IDS = [c[0] for c in LOSSES]
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=IDS)
+def test_func_grad(dev_backend, case):
+    device, backend = dev_backend
+    _, ours, theirs, = case
+    x, t, y, w = _data(device)
+    got = grad(lambda a: ours(a, t[0], y[0], w, backend))(x[0])
+    want = grad(lambda a: theirs(a, t[0], y[0], w))(x[0])
+    assert_close(got, want, F32)
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=IDS)
+def test_vmap_forward(dev_backend, case):
+    device, backend = dev_backend
+    _, ours, theirs = case
+    x, t, y, w = _data(device)
+    got = vmap(lambda a, b, c: ours(a, b, c, w, backend))(x, t, y)
+    want = torch.stack([theirs(x[i], t[i], y[i], w) for i in range(B)])
+    assert got.dtype == want.dtype
+    assert_close(got, want, F32)
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=IDS)
+def test_per_sample_gradients(dev_backend, case):
+    device, backend = dev_backend
+    _, ours, theirs = case
+    x, t, y, w = _data(device)
+    got = vmap(grad(lambda a, b, c: ours(a, b, c, w, backend)))(x, t, y)
+    want = vmap(grad(lambda a, b, c: theirs(a, b, c, w)))(x, t, y)
+    assert_close(got, want, F32)
+
+
+def test_per_sample_parameter_gradients(dev_backend):
+    """The Opacus recipe: functional_call + vmap(grad) over the model's parameters."""
+    device, backend = dev_backend
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, C).to(device)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    h = torch.randn(B, 4, device=device)
+    t = torch.randint(0, C, (B,), device=device)
+
+    def per_sample(loss_fn):
+        def loss_of(p, hi, ti):
+            out = functional_call(model, p, (hi.unsqueeze(0),))
+            return loss_fn(out, ti.unsqueeze(0))
+        return vmap(grad(loss_of), in_dims=(None, 0, 0))(params, h, t)
+
+    got = per_sample(lambda o, ti: fusedloss.cross_entropy(o, ti, backend=backend))
+    want = per_sample(F.cross_entropy)
+    for k in want:
+        assert_close(got[k], want[k], F32, msg=k)
+
+
+def test_vmap_none_reduction_and_decoding(dev_backend):
+    device, backend = dev_backend
+    x, t, _, _ = _data(device)
+    out = vmap(lambda a, b: fusedloss.cross_entropy(a, b, reduction="none", backend=backend,
+                                                    return_decoding=True))(x, t)
+    assert_close(out.loss, F.cross_entropy(x.transpose(1, 2), t, reduction="none"), F32)
+    assert torch.equal(out.pred, x.argmax(-1))
+
+
+def test_jacrev_of_bce_none(dev_backend):
+    device, backend = dev_backend
+    _, _, y, w = _data(device)
+    x = torch.randn(R, C, device=device)
+    got = jacrev(lambda a: fusedloss.binary_cross_entropy_with_logits(
+        a, y[0], w, reduction="none", backend=backend))(x)
+    want = jacrev(lambda a: F.binary_cross_entropy_with_logits(a, y[0], w, reduction="none"))(x)
+    assert_close(got, want, F32)
