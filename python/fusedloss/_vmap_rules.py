@@ -27,7 +27,8 @@ def _per_sample(t: Tensor | None, dim: int | None, i: int) -> Tensor | None:
 
 def _loop(fn, info, in_dims, tensors, cfg):
     """Run `fn.apply` per sample and stack every output along dim 0."""
-    outs = [fn.apply(*[_per_sample(t, d, i) for t, d in zip(tensors, in_dims[:-1], strict=True)], cfg)
+    dims = in_dims[:-1]  # the last argument is the config
+    outs = [fn.apply(*[_per_sample(t, d, i) for t, d in zip(tensors, dims, strict=True)], cfg)
             for i in range(info.batch_size)]
     stacked = tuple(torch.stack(parts) for parts in zip(*outs, strict=True))
     return stacked, (0,) * len(stacked)
