@@ -108,3 +108,25 @@ def test_jacrev_of_bce_none(dev_backend):
         a, y[0], w, reduction="none", backend=backend))(x)
     want = jacrev(lambda a: F.binary_cross_entropy_with_logits(a, y[0], w, reduction="none"))(x)
     assert_close(got, want, F32)
+
+
+def test_vmap_with_per_sample_weight_and_counts(dev_backend):
+    """Side tensors that differ per sample (and per-sample counts) take the per-sample path."""
+    device, backend = dev_backend
+    x, t, y, _ = _data(device)
+    ws = torch.rand(B, C, device=device) + 0.5
+    got = vmap(lambda a, b, w: fusedloss.cross_entropy(a, b, w, backend=backend))(x, t, ws)
+    want = torch.stack([F.cross_entropy(x[i], t[i], ws[i]) for i in range(B)])
+    assert_close(got, want, F32)
+    out = vmap(lambda a, b: fusedloss.binary_cross_entropy_with_logits(
+        a, b, threshold=0.5, return_counts=True, backend=backend)[::3])(x, (y > 0.5).float())
+    loss, counts = out[0], out[1]
+    out = vmap(lambda a, b: fusedloss.binary_cross_entropy_with_logits(
+        a, b, threshold=0.5, backend=backend).labels)(x, (y > 0.5).float())
+    assert_close(loss, torch.stack([F.binary_cross_entropy_with_logits(
+        x[i], (y[i] > 0.5).float()) for i in range(B)]), F32)
+    labels = x > 0
+    pos = y > 0.5
+    assert torch.equal(out, labels)
+    assert torch.equal(counts, torch.stack([(labels & pos).sum(1), (labels & ~pos).sum(1),
+                                                (~labels & pos).sum(1)], 1))
