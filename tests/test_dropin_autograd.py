@@ -158,3 +158,14 @@ class _Ours:
 
     def binary_cross_entropy_with_logits(self, *a, **k):
         return fusedloss.binary_cross_entropy_with_logits(*a, **k, backend=self.backend)
+
+
+def test_inplace_backward_refuses_create_graph(dev_backend):
+    """The logits were overwritten by the gradient: a differentiable backward cannot be formed
+    from them, so it raises instead of differentiating the gradient's values."""
+    device, backend = dev_backend
+    x, t = _ce_inputs(device, dtype=torch.float32)
+    h = x * 1.0
+    loss = fusedloss.cross_entropy(h, t, inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="inplace_backward"):
+        torch.autograd.grad(loss, x, create_graph=True)

@@ -130,3 +130,34 @@ def test_vmap_with_per_sample_weight_and_counts(dev_backend):
     assert torch.equal(out, labels)
     assert torch.equal(counts, torch.stack([(labels & pos).sum(1), (labels & ~pos).sum(1),
                                                 (~labels & pos).sum(1)], 1))
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=IDS)
+def test_jvp_and_hessian(dev_backend, case):
+    """Forward mode (torch.func.jvp) and hessian = jacfwd(jacrev(...))."""
+    device, backend = dev_backend
+    _, ours, theirs = case
+    x, t, y, w = _data(device)
+    v = torch.randn_like(x[0])
+    got = torch.func.jvp(lambda a: ours(a, t[0], y[0], w, backend), (x[0],), (v,))
+    want = torch.func.jvp(lambda a: theirs(a, t[0], y[0], w), (x[0],), (v,))
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, F32)
+    got = torch.func.hessian(lambda a: ours(a, t[0], y[0], w, backend))(x[0])
+    want = torch.func.hessian(lambda a: theirs(a, t[0], y[0], w))(x[0])
+    assert_close(got, want, F32)
+
+
+def test_forward_ad_in_target_and_weight(dev_backend):
+    """torch.autograd.forward_ad through probability targets and the class weight."""
+    import torch.autograd.forward_ad as fwAD
+    device, backend = dev_backend
+    x, _, y, w = _data(device)
+    yt, wt = torch.rand_like(y[0]), torch.rand_like(w)
+    results = []
+    for fn in (lambda *a: fusedloss.cross_entropy(*a, label_smoothing=0.2, backend=backend),
+               lambda *a: F.cross_entropy(*a, label_smoothing=0.2)):
+        with fwAD.dual_level():
+            out = fn(x[0], fwAD.make_dual(y[0], yt), fwAD.make_dual(w, wt))
+            results.append(fwAD.unpack_dual(out).tangent)
+    assert_close(results[0], results[1], F32)

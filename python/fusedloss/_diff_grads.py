@@ -40,7 +40,8 @@ def ce_row_scale(grad_out: Tensor, grad_scale: Tensor | None, rows: int, reducti
 
 def ce_grads(logits: Tensor, target: Tensor, weight: Tensor | None, row_g: Tensor, cfg,
              need: tuple[bool, bool, bool]):
-    """(d logits, d target, d weight) of sum_r g_r loss_r; None where `need` is False."""
+    """(d logits, d target, d weight) of sum_r g_r loss_r in the accumulation dtype; None where
+    `need` is False."""
     x = logits.to(ref.compute_dtype(logits.dtype))
     num_classes = x.shape[-1]
     z = ref.apply_softcap(x, cfg.softcap)
@@ -56,9 +57,9 @@ def ce_grads(logits: Tensor, target: Tensor, weight: Tensor | None, row_g: Tenso
         dz = p * (wy.sum(-1, keepdim=True) + zsq) - wy
         if need[1]:
             nll = (1 - eps) * (lse - z)
-            d_target = (row_g * (nll if w is None else w * nll)).to(target.dtype)
+            d_target = row_g * (nll if w is None else w * nll)
         if need[2]:
-            d_weight = (row_g * y * (lse - z)).sum(0).to(weight.dtype)
+            d_weight = (row_g * y * (lse - z)).sum(0)
     else:
         ignored = target == cfg.ignore_index
         safe = target.masked_fill(ignored, 0)
@@ -71,13 +72,14 @@ def ce_grads(logits: Tensor, target: Tensor, weight: Tensor | None, row_g: Tenso
         dz = dz.masked_fill(ignored.unsqueeze(-1), 0.0)
     if cfg.softcap:
         dz = dz * (1 - (z / cfg.softcap).square())
-    d_logits = (dz * row_g).to(logits.dtype) if need[0] else None
+    d_logits = dz * row_g if need[0] else None
     return d_logits, d_target, d_weight
 
 
 def bce_grads(logits: Tensor, target: Tensor, weight: Tensor | None,
               pos_weight: Tensor | None, g: Tensor, need: tuple[bool, bool]):
-    """(d logits, d target) of sum g * loss, g broadcastable to logits' shape."""
+    """(d logits, d target) of sum g * loss in the accumulation dtype, g broadcastable to
+    logits' shape."""
     x = logits.to(ref.compute_dtype(logits.dtype))
     y = target.to(x.dtype)
     g = g.to(x.dtype)
@@ -90,9 +92,57 @@ def bce_grads(logits: Tensor, target: Tensor, weight: Tensor | None,
         else:
             qy = pos_weight.to(x.dtype) * y
             dx = (qy + 1 - y) * torch.sigmoid(x) - qy
-        d_logits = (dx * g).to(logits.dtype)
+        d_logits = dx * g
     if need[1]:
         dy = -x if pos_weight is None else \
             -x + (pos_weight.to(x.dtype) - 1) * F.softplus(-x)
-        d_target = (dy * g).to(target.dtype)
+        d_target = dy * g
     return d_logits, d_target
+
+
+def _mul(a: Tensor | None, b: Tensor | None) -> Tensor | float:
+    return 0.0 if a is None or b is None else a * b.to(a.dtype)
+
+
+def ce_jvp(logits, target, weight, grad_scale, cfg, tangents) -> Tensor:
+    """Forward-mode derivative of the Function's loss output along (d logits, d target,
+    d weight): each row's gradient dotted with the tangents, reduced as the loss is."""
+    dx, dt, dw = tangents
+    if target.dim() != logits.dim():
+        dw = None  # torch's forward AD ignores a class weight's tangent here as well
+    ones = torch.ones(logits.shape[0], 1, dtype=ref.compute_dtype(logits.dtype),
+                      device=logits.device)
+    gx, gt, _ = ce_grads(logits, target, weight, ones, cfg, (dx is not None, dt is not None,
+                                                               False))
+    rows = _row_sum(_mul(gx, dx) + _mul(gt, dt))
+    if dw is not None:  # d loss_r / d w_c = y'_rc nll_rc
+        eps = cfg.label_smoothing
+        y = target.to(ones.dtype) * (1 - eps) + eps / logits.shape[-1]
+        rows = rows + (y * _nll(logits, cfg) * dw.to(ones.dtype)).sum(-1)
+    return _reduce_tangent(torch.as_tensor(rows, device=logits.device).expand(
+        logits.shape[0]), cfg.reduction, grad_scale).to(cfg.out_dtype)
+
+
+def _row_sum(t):
+    return t.sum(-1) if isinstance(t, Tensor) else t
+
+
+def _nll(logits, cfg):
+    z = ref.apply_softcap(logits.to(ref.compute_dtype(logits.dtype)), cfg.softcap)
+    return torch.logsumexp(z, -1, keepdim=True) - z
+
+
+def bce_jvp(logits, target, weight, pos_weight, grad_scale, cfg, tangents) -> Tensor:
+    dx, dt = tangents
+    ones = torch.ones((), dtype=ref.compute_dtype(logits.dtype), device=logits.device)
+    gx, gt = bce_grads(logits, target, weight, pos_weight, ones, (dx is not None,
+                                                                  dt is not None))
+    elem = _mul(gx, dx) + _mul(gt, dt)
+    elem = torch.as_tensor(elem, device=logits.device).expand(logits.shape)
+    return _reduce_tangent(elem, cfg.reduction, grad_scale).to(cfg.out_dtype)
+
+
+def _reduce_tangent(t: Tensor, reduction: str, grad_scale: Tensor | None) -> Tensor:
+    if reduction == "none":
+        return t
+    return t.sum() if reduction == "sum" else t.sum() * grad_scale

@@ -111,6 +111,17 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         if cfg.fused_grad:
             ctx.fused_grad = logits if cfg.inplace else grad
         ctx.save_for_backward(logits, target, weight, grad_scale)
+        ctx.save_for_forward(logits, target, weight, grad_scale)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def jvp(ctx, d_logits, d_target, d_weight, _d_scale, _d_cfg):
+        logits, target, weight, grad_scale = ctx.saved_tensors
+        if ctx.cfg.inplace and ctx.cfg.fused_grad:
+            _raise_inplace_twice()
+        out = _diff_grads.ce_jvp(logits, target, weight, grad_scale, ctx.cfg,
+                                 (d_logits, d_target, d_weight))
+        return out, None, None, None
 
     @staticmethod
     def backward(ctx, grad_out, _gpred, _gconf, _ggrad):
@@ -118,14 +129,13 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         cfg = ctx.cfg
         need = tuple(ctx.needs_input_grad[:3])
         if _differentiable_backward(ctx) or need[1] or need[2]:
-            fused = _take_fused_grad(ctx)
-            if cfg.inplace and fused is None and need[0]:
+            _take_fused_grad(ctx)
+            if cfg.inplace and cfg.fused_grad:  # the saved logits hold the gradient now
                 _raise_inplace_twice()
             row_g = _diff_grads.ce_row_scale(grad_out, grad_scale, logits.shape[0],
                                              cfg.reduction, _acc_dtype(logits))
-            d_logits, d_target, d_weight = _diff_grads.ce_grads(logits, target, weight, row_g,
-                                                                cfg, need)
-            return d_logits, d_target, d_weight, None, None
+            grads = _diff_grads.ce_grads(logits, target, weight, row_g, cfg, need)
+            return _cast_like(grads, (logits, target, weight)) + (None, None)
         return _ce_logits_grad(ctx, grad_out, logits, target, weight, grad_scale), \
             None, None, None, None
 
@@ -133,6 +143,11 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
     def vmap(info, in_dims, logits, target, weight, grad_scale, cfg):
         return _vmap_rules.ce_vmap(SoftmaxCrossEntropyFunction, info, in_dims, logits, target,
                                    weight, grad_scale, cfg)
+
+
+def _cast_like(grads, inputs) -> tuple:
+    return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs,
+                                                                      strict=True))
 
 
 def _acc_dtype(logits: Tensor) -> torch.dtype:
@@ -185,6 +200,14 @@ class SigmoidBCEFunction(torch.autograd.Function):
         ctx.cfg = cfg
         ctx.fused_grad = grad if cfg.fused_grad else None
         ctx.save_for_backward(logits, target, weight, pos_weight, grad_scale)
+        ctx.save_for_forward(logits, target, weight, pos_weight, grad_scale)
+
+    @staticmethod
+    def jvp(ctx, d_logits, d_target, _dw, _dpw, _ds, _dthr, _dcfg):
+        logits, target, weight, pos_weight, grad_scale = ctx.saved_tensors
+        out = _diff_grads.bce_jvp(logits, target, weight, pos_weight, grad_scale, ctx.cfg,
+                                  (d_logits, d_target))
+        return out, None, None, None, None
 
     @staticmethod
     def backward(ctx, grad_out, _gl, _gp, _gc, _gg):
@@ -194,8 +217,9 @@ class SigmoidBCEFunction(torch.autograd.Function):
         if _differentiable_backward(ctx) or need[1]:
             _take_fused_grad(ctx)
             g = grad_out if cfg.reduction != "mean" else grad_out * grad_scale
-            d_logits, d_target = _diff_grads.bce_grads(logits, target, weight, pos_weight, g,
-                                                       need)
+            d_logits, d_target = _cast_like(
+                _diff_grads.bce_grads(logits, target, weight, pos_weight, g, need),
+                (logits, target))
         else:
             d_logits, d_target = _bce_logits_grad(ctx, grad_out, logits, target, weight,
                                                   pos_weight, grad_scale), None
