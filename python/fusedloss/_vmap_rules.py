@@ -26,9 +26,9 @@ def _per_sample(t: Tensor | None, dim: int | None, i: int) -> Tensor | None:
 
 
 def _loop(fn, info, in_dims, tensors, cfg):
-    """Run `fn.apply` per sample and stack every output along dim 0."""
+    """Run `fn` per sample and stack every output along dim 0."""
     dims = in_dims[:-1]  # the last argument is the config
-    outs = [fn.apply(*[_per_sample(t, d, i) for t, d in zip(tensors, dims, strict=True)], cfg)
+    outs = [fn(*[_per_sample(t, d, i) for t, d in zip(tensors, dims, strict=True)], cfg)
             for i in range(info.batch_size)]
     stacked = tuple(torch.stack(parts) for parts in zip(*outs, strict=True))
     return stacked, (0,) * len(stacked)
@@ -51,7 +51,7 @@ def ce_vmap(fn, info, in_dims, logits, target, weight, grad_scale, cfg):
     tf = _rows(tf) if tf.dim() == 2 else tf.contiguous()
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     row_cfg = cfg._replace(reduction="none", fused_grad=False, inplace=False, out_dtype=acc)
-    loss, pred, conf, grad = fn.apply(xf, tf, weight, None, row_cfg)
+    loss, pred, conf, grad = fn(xf, tf, weight, None, row_cfg)
     loss = loss.reshape(b, rows)
     if cfg.reduction == "none":
         out = loss.to(cfg.out_dtype)
@@ -83,7 +83,7 @@ def bce_vmap(fn, info, in_dims, logits, target, weight, pos_weight, grad_scale, 
     elem_dtype = torch.promote_types(cfg.out_dtype, acc) if cfg.reduction != "none" \
         else cfg.out_dtype
     elem_cfg = cfg._replace(reduction="none", fused_grad=False, out_dtype=elem_dtype)
-    loss, labels, probs, counts, grad = fn.apply(xf, tf, wf, pwf, None, threshold, elem_cfg)
+    loss, labels, probs, counts, grad = fn(xf, tf, wf, pwf, None, threshold, elem_cfg)
     loss = loss.reshape(b, rows, classes)
     if cfg.reduction == "sum":
         loss = loss.sum((1, 2))

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, _diff_grads, _vmap_rules
+from . import reference as ref
 from ._checks import functorch_active
 
 
@@ -71,7 +72,7 @@ def _reduce(loss: Tensor, reduction: str, grad_scale: Tensor | None, out_dtype) 
     return (loss.sum() * grad_scale).to(out_dtype)  # grad_scale = 1 / denominator on device
 
 
-def _differentiable_backward(ctx) -> bool:
+def _differentiable_backward() -> bool:
     """Must backward build a differentiable gradient (see _diff_grads)?"""
     return torch.is_grad_enabled() or functorch_active()
 
@@ -115,25 +116,18 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
 
     @staticmethod
-    def jvp(ctx, d_logits, d_target, d_weight, _d_scale, _d_cfg):
-        logits, target, weight, grad_scale = ctx.saved_tensors
-        if ctx.cfg.inplace and ctx.cfg.fused_grad:
-            _raise_inplace_twice()
-        out = _diff_grads.ce_jvp(logits, target, weight, grad_scale, ctx.cfg,
-                                 (d_logits, d_target, d_weight))
-        return out, None, None, None
-
-    @staticmethod
     def backward(ctx, grad_out, _gpred, _gconf, _ggrad):
+        if grad_out is None:  # grads are not materialised (for jvp's sake): nothing flows in
+            return None, None, None, None, None
         logits, target, weight, grad_scale = ctx.saved_tensors
         cfg = ctx.cfg
         need = tuple(ctx.needs_input_grad[:3])
-        if _differentiable_backward(ctx) or need[1] or need[2]:
+        if _differentiable_backward() or need[1] or need[2]:
             _take_fused_grad(ctx)
             if cfg.inplace and cfg.fused_grad:  # the saved logits hold the gradient now
                 _raise_inplace_twice()
             row_g = _diff_grads.ce_row_scale(grad_out, grad_scale, logits.shape[0],
-                                             cfg.reduction, _acc_dtype(logits))
+                                             cfg.reduction, ref.compute_dtype(logits.dtype))
             grads = _diff_grads.ce_grads(logits, target, weight, row_g, cfg, need)
             return _cast_like(grads, (logits, target, weight)) + (None, None)
         return _ce_logits_grad(ctx, grad_out, logits, target, weight, grad_scale), \
@@ -141,17 +135,13 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, grad_scale, cfg):
-        return _vmap_rules.ce_vmap(SoftmaxCrossEntropyFunction, info, in_dims, logits, target,
-                                   weight, grad_scale, cfg)
+        return _vmap_rules.ce_vmap(ce_apply, info, in_dims, logits, target, weight,
+                                   grad_scale, cfg)
 
 
 def _cast_like(grads, inputs) -> tuple:
     return tuple(None if g is None else g.to(t.dtype) for g, t in zip(grads, inputs,
                                                                       strict=True))
-
-
-def _acc_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 def _raise_inplace_twice():
@@ -171,7 +161,7 @@ def _ce_logits_grad(ctx, grad_out, logits, target, weight, grad_scale):
         if cfg.inplace:
             _raise_inplace_twice()
         # retain_graph=True second backward: recompute exactly as the forward did, then scale
-        rows = torch.ones((), dtype=_acc_dtype(logits), device=logits.device) \
+        rows = torch.ones((), dtype=ref.compute_dtype(logits.dtype), device=logits.device) \
             if grad_scale is None else grad_scale
         grad = ops.softmax_ce_bwd(rows.expand(logits.shape[0]), logits, target, weight,
                                   *cfg.op_args())
@@ -203,18 +193,11 @@ class SigmoidBCEFunction(torch.autograd.Function):
         ctx.save_for_forward(logits, target, weight, pos_weight, grad_scale)
 
     @staticmethod
-    def jvp(ctx, d_logits, d_target, _dw, _dpw, _ds, _dthr, _dcfg):
-        logits, target, weight, pos_weight, grad_scale = ctx.saved_tensors
-        out = _diff_grads.bce_jvp(logits, target, weight, pos_weight, grad_scale, ctx.cfg,
-                                  (d_logits, d_target))
-        return out, None, None, None, None
-
-    @staticmethod
     def backward(ctx, grad_out, _gl, _gp, _gc, _gg):
         logits, target, weight, pos_weight, grad_scale = ctx.saved_tensors
         cfg = ctx.cfg
         need = tuple(ctx.needs_input_grad[:2])
-        if _differentiable_backward(ctx) or need[1]:
+        if _differentiable_backward() or need[1]:
             _take_fused_grad(ctx)
             g = grad_out if cfg.reduction != "mean" else grad_out * grad_scale
             d_logits, d_target = _cast_like(
@@ -227,7 +210,7 @@ class SigmoidBCEFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, pos_weight, grad_scale, threshold, cfg):
-        return _vmap_rules.bce_vmap(SigmoidBCEFunction, info, in_dims, logits, target, weight,
+        return _vmap_rules.bce_vmap(bce_apply, info, in_dims, logits, target, weight,
                                     pos_weight, grad_scale, threshold, cfg)
 
 
@@ -237,8 +220,49 @@ def _bce_logits_grad(ctx, grad_out, logits, target, weight, pos_weight, grad_sca
         return ops.sigmoid_bce_bwd(grad_out, logits, target, weight, pos_weight)
     grad = _take_fused_grad(ctx)
     if grad is None:  # retain_graph=True second backward: recompute as the forward did
-        g = torch.ones((), dtype=_acc_dtype(logits), device=logits.device) \
+        g = torch.ones((), dtype=ref.compute_dtype(logits.dtype), device=logits.device) \
             if grad_scale is None else grad_scale
         grad = ops.sigmoid_bce_bwd(g.expand(logits.shape), logits, target, weight, pos_weight)
     ops.scale_grad_(grad, grad_out)
     return grad
+
+
+# Forward-mode AD (torch.func.jvp / jacfwd / hessian, torch.autograd.forward_ad) needs a jvp
+# staticmethod, but torch.compile refuses to trace an autograd.Function that has one. So the
+# jvp lives in subclasses, chosen only while forward AD or a torch.func transform is active.
+class SoftmaxCrossEntropyJvpFunction(SoftmaxCrossEntropyFunction):
+    @staticmethod
+    def jvp(ctx, d_logits, d_target, d_weight, _d_scale, _d_cfg):
+        logits, target, weight, grad_scale = ctx.saved_tensors
+        if ctx.cfg.inplace and ctx.cfg.fused_grad:
+            _raise_inplace_twice()
+        out = _diff_grads.ce_jvp(logits, target, weight, grad_scale, ctx.cfg,
+                                 (d_logits, d_target, d_weight))
+        return out, None, None, None
+
+
+class SigmoidBCEJvpFunction(SigmoidBCEFunction):
+    @staticmethod
+    def jvp(ctx, d_logits, d_target, _dw, _dpw, _ds, _dthr, _dcfg):
+        logits, target, weight, pos_weight, grad_scale = ctx.saved_tensors
+        out = _diff_grads.bce_jvp(logits, target, weight, pos_weight, grad_scale, ctx.cfg,
+                                  (d_logits, d_target))
+        return out, None, None, None, None
+
+
+def _forward_ad_possible() -> bool:
+    return not torch.compiler.is_compiling() and (
+        functorch_active() or torch.autograd.forward_ad._current_level >= 0)
+
+
+def ce_apply(logits, target, weight, grad_scale, cfg: CEConfig):
+    """SoftmaxCrossEntropyFunction.apply, with forward-mode AD support where it may be used."""
+    fn = SoftmaxCrossEntropyJvpFunction if _forward_ad_possible() else \
+        SoftmaxCrossEntropyFunction
+    return fn.apply(logits, target, weight, grad_scale, cfg)
+
+
+def bce_apply(logits, target, weight, pos_weight, grad_scale, threshold, cfg: BCEConfig):
+    """SigmoidBCEFunction.apply, with forward-mode AD support where it may be used."""
+    fn = SigmoidBCEJvpFunction if _forward_ad_possible() else SigmoidBCEFunction
+    return fn.apply(logits, target, weight, pos_weight, grad_scale, threshold, cfg)

@@ -34,7 +34,7 @@ from ._checks import (
     is_symbolic,
     legacy_reduction,
 )
-from .autograd import BCEConfig, CEConfig, SigmoidBCEFunction, SoftmaxCrossEntropyFunction
+from .autograd import BCEConfig, CEConfig, bce_apply, ce_apply
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -149,7 +149,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
                    out_dtype=out_dtype)
     # inplace_backward on a K-dim or non-contiguous input overwrites the 2-D copy: correct,
     # it just saves no memory. [:3] drops the fused gradient, so only autograd holds it.
-    loss, pred, conf = SoftmaxCrossEntropyFunction.apply(x2, t2, w2, grad_scale, cfg)[:3]
+    loss, pred, conf = ce_apply(x2, t2, w2, grad_scale, cfg)[:3]
     if reduction == "none":
         loss = loss.reshape(shape)
     if not return_decoding:
@@ -193,7 +193,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
                     fused_grad=_wants_fused_grad(reduction, x2, t2),
                     return_probs=bool(return_probs), count=bool(return_counts),
                     out_dtype=out_dtype)
-    loss, labels, probs, counts = SigmoidBCEFunction.apply(
+    loss, labels, probs, counts = bce_apply(
         x2, t2, w2, pw2, grad_scale, thr, cfg)[:4]
     if reduction == "none":
         loss = loss.reshape(input.shape)
