@@ -102,13 +102,18 @@ def test_gradient_penalty_double_backward(dev_backend, case):
     assert_close(got, want, F64)
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+GRADCHECK = [CASES[i] for i in (0, 1, 3, 4)]  # the reduced losses: first backward is fused
+
+
+@pytest.mark.parametrize("case", GRADCHECK, ids=[c[0] for c in GRADCHECK])
 def test_gradcheck_and_gradgradcheck(dev_backend, case):
     """torch.autograd.gradcheck with its defaults (nondet_tol=0: the reentrancy check wants a
-    retain_graph backward bitwise equal to the first), then gradgradcheck."""
+    retain_graph backward bitwise equal to the first, fused one), then gradgradcheck."""
     device, backend = dev_backend
     _, ours, _, prob = case
     x, t = _ce_inputs(device, prob)
+    x = x.detach()[:3].requires_grad_()
+    t = t[:3]
     fn = lambda a: _scalar(ours(a, t, backend))  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,), fast_mode=True)
     assert torch.autograd.gradgradcheck(fn, (x,), fast_mode=True)
