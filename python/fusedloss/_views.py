@@ -101,9 +101,10 @@ def bce_views(input: Tensor, target: Tensor):
     return rows(input.reshape(r, c)), rows(target.reshape(r, c))
 
 
-def broadcast_view(name: str, value: Tensor | None, input: Tensor, x2: Tensor):
+def broadcast_view(name: str, value: Tensor | None, input: Tensor, x2: Tensor,
+                   dtype: torch.dtype | None = None):
     """Broadcast weight/pos_weight to input's shape as a (R, C) view (strides may be 0), in
-    the accumulation dtype of the logits."""
+    `dtype` (default: the accumulation dtype of the logits `x2`)."""
     if value is None:
         return None
     check_tensor(name, value)
@@ -121,7 +122,8 @@ def broadcast_view(name: str, value: Tensor | None, input: Tensor, x2: Tensor):
         raise RuntimeError(f"{name} of shape {list(value.shape)}: output with shape "
                            f"{list(input.shape)} doesn't match the broadcast shape {list(full)}")
     check_no_nan(name, value)
-    return value.to(ref.compute_dtype(x2.dtype)).expand(input.shape).reshape(x2.shape)
+    dtype = ref.compute_dtype(x2.dtype) if dtype is None else dtype
+    return value.to(dtype).expand(input.shape).reshape(x2.shape)
 
 
 def logit_threshold(threshold, logit_thr, num_classes: int, device) -> Tensor | None:

@@ -30,6 +30,7 @@ from ._checks import (
     check_reduction,
     check_same_device,
     check_tensor,
+    dtype_name,
     functorch_active,
     is_symbolic,
     legacy_reduction,
@@ -59,6 +60,30 @@ class SoftmaxDecoding(NamedTuple):
 class SigmoidDecoding(NamedTuple):
     labels: Tensor
     probs: Tensor | None
+
+
+# ----------------------------------------------------------------------------- former names
+# linear.py calls these helpers by the names they had here; they live in _checks/_views now.
+_check_tensor = check_tensor
+_check_floating_input = check_floating_input
+_check_number = check_number
+_check_reduction = check_reduction
+_check_same_device = check_same_device
+_logit_threshold = _views.logit_threshold
+_rows = _views.rows
+
+
+def _check_class_weight(weight: Tensor | None, x2: Tensor) -> None:
+    """The class weight's shape, device, NaN, and dtype (that of `x2`) checks."""
+    _views.check_class_weight(weight, x2)
+    if weight is not None and weight.dtype != x2.dtype:
+        raise RuntimeError(f"expected scalar type {dtype_name(x2.dtype)} but found "
+                           f"{dtype_name(weight.dtype)} (weight.dtype must match input)")
+
+
+def _broadcast_view(name: str, value: Tensor | None, input: Tensor, x2: Tensor):
+    """weight/pos_weight as a (R, C) view in the dtype of `x2`."""
+    return _views.broadcast_view(name, value, input, x2, dtype=x2.dtype)
 
 
 # ----------------------------------------------------------------------------- shared checks
