@@ -12,22 +12,6 @@ from helpers import assert_close
 SHAPES = [(4, 5), (3, 7)]
 
 
-def _known_torch_backend_defect(dev_backend):
-    """The torch backend's op argument checks (_op_checks._concrete) read traced floats with
-    math.isfinite under dynamic=True; strict, so the mark fails once that is fixed."""
-    if dev_backend[1] == "torch":
-        return pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported,
-                                 reason="torch backend op checks call math.isfinite on a "
-                                        "traced float")
-    return None
-
-
-def _apply_mark(request, dev_backend):
-    mark = _known_torch_backend_defect(dev_backend)
-    if mark is not None:
-        request.applymarker(mark)
-
-
 def _compile(module, device, backend, compiler):
     torch._dynamo.reset()
     if compiler == "inductor" and backend == "triton" and device == "cpu":
@@ -50,7 +34,6 @@ def _check(fn, theirs, make, device):
 
 def test_ce_module_dynamic_fullgraph(dev_backend, request, compiler="aot_eager"):
     device, backend = dev_backend
-    _apply_mark(request, dev_backend)
     m = fusedloss.CrossEntropyLoss(label_smoothing=0.1, lse_square_scale=1e-3, ignore_index=1,
                                    backend=backend)
     fn = _compile(m, device, backend, compiler)
@@ -75,7 +58,6 @@ def test_functional_dynamic_with_python_float_arguments(dev_backend, request):
     """Floats passed per call (a schedule for label smoothing) are traced, not specialised
     into a failing check."""
     device, backend = dev_backend
-    _apply_mark(request, dev_backend)
     torch._dynamo.reset()
 
     def step(x, t, eps):

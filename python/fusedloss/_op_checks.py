@@ -109,7 +109,11 @@ def check_row_vector(op: str, name: str, t: Tensor, logits: Tensor) -> None:
 
 
 def _concrete(value) -> bool:
-    """A plain number (a symbolic float under torch.compile(dynamic=True) is not checked)."""
+    """A plain number, checked here. Under torch.compile a Python float may be a symbolic value
+    (dynamic=True) that math.isfinite cannot read: it is not checked here while compiling; the
+    functional layer validates the user's values before the op is reached."""
+    if torch.compiler.is_compiling():
+        return False
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
