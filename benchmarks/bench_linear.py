@@ -70,17 +70,24 @@ def _eager_bce(x, w, y):
     return tF.binary_cross_entropy_with_logits(tF.linear(x, w), y.to(x.dtype))
 
 
-def providers(kind: str, device: str) -> dict:
-    """name -> loss function of (x, w, t), for what is importable here."""
+def providers(kind: str, device: str, chunk_sizes=()) -> dict:
+    """name -> loss function of (x, w, t), for what is importable here; fusedloss-c<k> for
+    each explicit chunk size asked for (fusedloss alone: chunk_size=None)."""
     import fusedloss
 
+    fused = {"ce": fusedloss.linear_cross_entropy,
+             "bce": fusedloss.linear_binary_cross_entropy_with_logits}[kind]
+    extra = {f"fusedloss-c{k}": (lambda x, w, t, k=k: fused(x, w, t, chunk_size=k))
+             for k in chunk_sizes}
+
     if kind == "bce":
-        return {"eager": _eager_bce, "compile": torch.compile(_eager_bce),
-                "fusedloss": fusedloss.linear_binary_cross_entropy_with_logits}
+        return {"eager": _eager_bce, "compile": torch.compile(_eager_bce), "fusedloss": fused,
+                **extra}
     out = {"eager": _eager_ce, "compile": torch.compile(_eager_ce)}
     opts = torch.nn.LinearCrossEntropyOptions()
     out["torch-chunked"] = lambda x, w, t: tF.linear_cross_entropy(x, w, t, options=opts)
-    out["fusedloss"] = fusedloss.linear_cross_entropy
+    out["fusedloss"] = fused
+    out.update(extra)
     if device == "cuda":
         try:
             from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
@@ -132,12 +139,16 @@ def time_rounds(provs, x, w, t, rounds: int, timer: Timer) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def _chunk_sizes(name: str) -> tuple:
+    return (int(name.split("-c")[1]),) if name.startswith("fusedloss-c") else ()
+
+
 def child_memory(case: str, name: str, device: str) -> int:
     """In a fresh process: bytes one fwd+bwd call of provider `name` needs at its peak."""
     kind, n, h, c = parse_case(case)
     dev = torch.device(device)
     x, w, t = make_inputs(kind, n, h, c, dev, DTYPE[dev.type])
-    fn = providers(kind, dev.type)[name]
+    fn = providers(kind, dev.type, _chunk_sizes(name))[name]
     step(fn, x, w, t)  # warm-up: compilation, lazy initialisation
     x.grad = w.grad = None
     nbytes, _ = peak_memory(Timer(dev), lambda: step(fn, x, w, t))
@@ -159,7 +170,7 @@ def run_case(case: str, args) -> list[dict]:
     dev = torch.device(args.device)
     dtype = DTYPE[dev.type]
     x, w, t = make_inputs(kind, n, h, c, dev, dtype)
-    provs = providers(kind, dev.type)
+    provs = providers(kind, dev.type, args.chunk_sizes)
     if args.providers:
         keep = set(args.providers.split(",")) | {"eager"}
         provs = {k: v for k, v in provs.items() if k in keep}
@@ -199,6 +210,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="smaller shapes, for iterating")
     p.add_argument("--cases", nargs="+", help="ce:NxHxV / bce:NxHxL instead of the defaults")
     p.add_argument("--providers", default="", help="comma-separated subset (eager always runs)")
+    p.add_argument("--chunk-sizes", type=lambda v: tuple(int(k) for k in v.split(",")),
+                   default=(), help="also run fusedloss with these explicit chunk sizes")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
     p.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--json", help="also write the rows to this JSON file")
