@@ -52,9 +52,10 @@ def _check_linear(input, linear_weight, linear_bias):
     return input.reshape(-1, hidden), input.shape[:-1], classes
 
 
-def _chunk_rows(chunk_size, x2: Tensor, classes: int) -> int:
+def _chunk_rows(chunk_size, x2: Tensor, classes: int, buffers: int = 1) -> int:
     if chunk_size is None:
-        return default_chunk_rows(x2.shape[0], x2.shape[1], classes, x2.dtype, x2.device)
+        return default_chunk_rows(x2.shape[0], x2.shape[1], classes, x2.dtype, x2.device,
+                                  buffers)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
         raise TypeError(f"chunk_size must be a positive int or None, got "
                         f"{type(chunk_size).__name__} ({chunk_size!r})")
@@ -199,7 +200,7 @@ def linear_binary_cross_entropy_with_logits(
     thr = F._logit_threshold(threshold, logit_threshold, classes, input.device)
     if return_counts and thr is None:
         raise ValueError("return_counts=True needs threshold= or logit_threshold=")
-    chunk = _chunk_rows(chunk_size, x2, classes)
+    chunk = _chunk_rows(chunk_size, x2, classes, buffers=2)  # logits and the op's gradient
     if b.name == "torch":
         logits = tF.linear(x2, linear_weight, linear_bias).reshape(out_shape)
         res = F.binary_cross_entropy_with_logits(

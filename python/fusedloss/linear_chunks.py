@@ -18,19 +18,21 @@ from . import reference as ref
 
 # chunk_size=None rule. Each chunk re-reads (and BLAS re-packs) all of W for each of its three
 # matmuls, a cost independent of the chunk's rows, so small chunks are slow; the chunk's
-# logits buffer is the only memory beyond the gradients, so big chunks are fat.
-# Measured on the 2-core x86_64 CPU of the build machine (fp32, H=1024, C=32000, fwd + both
-# backward matmuls per row): 64 rows ~1.6x, 128 rows ~1.2x, 256 rows ~1.05x the time per row
-# of 512 rows. The rule: the logits buffer may take CHUNK_MEMORY_FRACTION of the gradients'
-# own bytes (grad_W + grad_input), at least MIN_CHUNK_BYTES, rounded down to a multiple of
-# CHUNK_ROW_MULTIPLE rows (at least one multiple, at most all rows).
-CHUNK_MEMORY_FRACTION = 0.125
+# buffers are the only memory beyond the gradients, so big chunks are fat.
+# Measured on the 2-core x86_64 CPU of the build machine under heavy load (fp32, N=2048,
+# H=1024, C=32000, fwd+bwd into leaves, side by side): 64 rows 2.1x, 128 rows 1.5x, 256 rows
+# 1.25x, 512 rows 1.0x the time of eager (unchunked) PyTorch.
+# The rule: the chunk's (rows, C) buffers (one for softmax CE, whose gradient overwrites the
+# logits; two for BCE) may take CHUNK_MEMORY_FRACTION of the gradients' own bytes (grad_W +
+# grad_input), at least MIN_CHUNK_BYTES, rounded down to a multiple of CHUNK_ROW_MULTIPLE rows
+# (at least one multiple, at most all rows).
+CHUNK_MEMORY_FRACTION = 0.2
 MIN_CHUNK_BYTES = 8 << 20
-CHUNK_ROW_MULTIPLE = {"cpu": 64, "cuda": 256}
+CHUNK_ROW_MULTIPLE = {"cpu": 32, "cuda": 256}
 
 
 def default_chunk_rows(rows: int, hidden: int, classes: int, dtype: torch.dtype,
-                       device: torch.device) -> int:
+                       device: torch.device, buffers: int = 1) -> int:
     """Rows per chunk for chunk_size=None (the rule above); >= 1."""
     if rows <= 0:
         return 1
@@ -38,7 +40,7 @@ def default_chunk_rows(rows: int, hidden: int, classes: int, dtype: torch.dtype,
     grad_bytes = (classes + rows) * hidden * esize
     budget = max(CHUNK_MEMORY_FRACTION * grad_bytes, MIN_CHUNK_BYTES)
     mult = CHUNK_ROW_MULTIPLE.get(device.type, 128)
-    per_row = max(classes, 1) * esize
+    per_row = max(classes, 1) * esize * buffers
     chunk = int(budget // per_row) // mult * mult
     return max(1, min(rows, max(chunk, mult)))
 
