@@ -47,13 +47,13 @@ def _targets(R, C, ignore_index, gen):
     return t
 
 
-def _ce_expect(x, target, weight, gscale, ii, eps, s, cap):
+def _ce_expect(x, target, weight, gscale, ii, eps, lse_square_scale, cap):
     xd = x.to(F64)
     w = None if weight is None else weight.to(F64)
     tt = target if target.dim() == 1 else target.to(F64)
-    loss, lse = ref.softmax_ce_rows(xd, tt, w, ii, eps, s, cap)
+    loss, lse = ref.softmax_ce_rows(xd, tt, w, ii, eps, lse_square_scale, cap)
     g = torch.full((x.shape[0],), 1.0 if gscale is None else float(gscale), dtype=F64)
-    grad = ref.softmax_ce_grad(xd, tt, w, g, ii, eps, s, cap)
+    grad = ref.softmax_ce_grad(xd, tt, w, g, ii, eps, lse_square_scale, cap)
     pred, conf = ref.softmax_decode(xd, cap) if x.shape[1] > 0 else (None, None)
     return loss, lse, grad, pred, conf
 
@@ -75,7 +75,7 @@ CE_OPTIONS = [
 @pytest.mark.parametrize("shape", CE_SHAPES, ids=str)
 @pytest.mark.parametrize("opt", CE_OPTIONS, ids=lambda o: o[0])
 def test_softmax_ce_fwd_class_targets(dtype, shape, opt):
-    _, use_w, ii, eps, s, cap, gs = opt
+    _, use_w, ii, eps, lse_square_scale, cap, gs = opt
     R, C = shape
     gen = torch.Generator().manual_seed(R * 1000 + C)
     x = (torch.randn(R, C, generator=gen) * 3).to(dtype)
@@ -84,8 +84,9 @@ def test_softmax_ce_fwd_class_targets(dtype, shape, opt):
         t[0] = 0  # row 0 ignored (class 0 == ignore_index) when ii is a class
     w = (torch.rand(C, generator=gen) + 0.5).to(dtype) if use_w else None
     gst = None if gs is None else torch.tensor(gs, dtype=torch.float32)
-    loss, lse, grad, pred, conf = ops.softmax_ce_fwd(x, t, w, gst, ii, eps, s, cap, True, True)
-    el, els, eg, ep, ec = _ce_expect(x, t, w, gs, ii, eps, s, cap)
+    loss, lse, grad, pred, conf = ops.softmax_ce_fwd(x, t, w, gst, ii, eps, lse_square_scale, cap,
+                                                     True, True)
+    el, els, eg, ep, ec = _ce_expect(x, t, w, gs, ii, eps, lse_square_scale, cap)
     acc = F64 if dtype == F64 else torch.float32  # loss/lse in the accumulation dtype
     assert loss.dtype == lse.dtype == acc and conf.dtype == torch.float32 and grad.dtype == dtype
     _close(loss, el, **ROW_TOL)
@@ -96,8 +97,8 @@ def test_softmax_ce_fwd_class_targets(dtype, shape, opt):
     ignored = t == ii
     assert (grad[ignored] == 0).all() and (loss[ignored] == 0).all()
     # compute_grad / decode off: the same per-row values, empty extra outputs.
-    loss2, lse2, grad2, pred2, conf2 = ops.softmax_ce_fwd(x, t, w, gst, ii, eps, s, cap, False,
-                                                          False)
+    loss2, lse2, grad2, pred2, conf2 = ops.softmax_ce_fwd(x, t, w, gst, ii, eps, lse_square_scale,
+                                                          cap, False, False)
     assert torch.equal(loss2, loss) and torch.equal(lse2, lse)
     assert grad2.shape == (0,) and pred2.shape == (0,) and conf2.shape == (0,)
 
@@ -106,15 +107,16 @@ def test_softmax_ce_fwd_class_targets(dtype, shape, opt):
 @pytest.mark.parametrize("opt", [o for o in CE_OPTIONS if o[0] in ("plain", "weight_smooth",
                                                                     "all")], ids=lambda o: o[0])
 def test_softmax_ce_fwd_prob_targets(dtype, opt):
-    _, use_w, _, eps, s, cap, gs = opt
+    _, use_w, _, eps, lse_square_scale, cap, gs = opt
     gen = torch.Generator().manual_seed(7)
     R, C = 9, 2061  # a block boundary plus a tail
     x = (torch.randn(R, C, generator=gen) * 2).to(dtype)
     y = torch.softmax(torch.randn(R, C, generator=gen), -1).to(dtype)
     w = (torch.rand(C, generator=gen) + 0.5).to(dtype) if use_w else None
     gst = None if gs is None else torch.tensor(gs)
-    loss, lse, grad, pred, conf = ops.softmax_ce_fwd(x, y, w, gst, -100, eps, s, cap, True, True)
-    el, els, eg, ep, ec = _ce_expect(x, y, w, gs, -100, eps, s, cap)
+    loss, lse, grad, pred, conf = ops.softmax_ce_fwd(x, y, w, gst, -100, eps, lse_square_scale,
+                                                     cap, True, True)
+    el, els, eg, ep, ec = _ce_expect(x, y, w, gs, -100, eps, lse_square_scale, cap)
     _close(loss, el, **ROW_TOL)
     _close(lse, els, **ROW_TOL)
     _close(grad, eg, **GRAD_TOL[dtype])
@@ -200,23 +202,23 @@ def test_softmax_ce_fwd_inplace(dtype, soft):
                                                                     "ignore_valid_class")],
                          ids=lambda o: o[0])
 def test_softmax_ce_bwd(dtype, opt):
-    _, use_w, ii, eps, s, cap, _ = opt
+    _, use_w, ii, eps, lse_square_scale, cap, _ = opt
     gen = torch.Generator().manual_seed(6)
     R, C = 8, 2049
     x = (torch.randn(R, C, generator=gen) * 3).to(dtype)
     t = _targets(R, C, ii, gen)
     w = (torch.rand(C, generator=gen) + 0.5).to(dtype) if use_w else None
     for gl in (torch.randn(R, generator=gen).to(dtype), torch.tensor(0.7).expand(R)):  # stride 0
-        grad = ops.softmax_ce_bwd(gl, x, t, w, ii, eps, s, cap)
+        grad = ops.softmax_ce_bwd(gl, x, t, w, ii, eps, lse_square_scale, cap)
         eg = ref.softmax_ce_grad(x.to(F64), t, None if w is None else w.to(F64), gl.to(F64), ii,
-                                 eps, s, cap)
+                                 eps, lse_square_scale, cap)
         assert grad.dtype == dtype and grad.shape == x.shape
         _close(grad, eg, **GRAD_TOL[dtype])
     # probability targets
     y = torch.softmax(torch.randn(R, C, generator=gen), -1).to(dtype)
     gl = torch.randn(R, generator=gen)
-    grad = ops.softmax_ce_bwd(gl, x, y, None, ii, eps, s, cap)
-    eg = ref.softmax_ce_grad(x.to(F64), y.to(F64), None, gl.to(F64), ii, eps, s, cap)
+    grad = ops.softmax_ce_bwd(gl, x, y, None, ii, eps, lse_square_scale, cap)
+    eg = ref.softmax_ce_grad(x.to(F64), y.to(F64), None, gl.to(F64), ii, eps, lse_square_scale, cap)
     _close(grad, eg, **GRAD_TOL[dtype])
 
 

@@ -42,12 +42,12 @@ def close(actual, expected, **tol):
                                **tol)
 
 
-def ce_ref(x, t, w=None, g=1.0, ii=-100, eps=0.0, lsq=0.0, cap=0.0):
+def ce_ref(x, t, w=None, g=1.0, ii=-100, eps=0.0, lse_square_scale=0.0, cap=0.0):
     x64, w64 = x.cpu().to(F64), None if w is None else w.cpu().to(F64)
     t64 = t.cpu() if t.dim() == 1 else t.cpu().to(F64)
-    loss, lse = ref.softmax_ce_rows(x64, t64, w64, ii, eps, lsq, cap)
+    loss, lse = ref.softmax_ce_rows(x64, t64, w64, ii, eps, lse_square_scale, cap)
     grad = ref.softmax_ce_grad(x64, t64, w64, torch.full((x.shape[0],), g, dtype=F64), ii, eps,
-                               lsq, cap)
+                               lse_square_scale, cap)
     return loss, lse, grad
 
 
@@ -226,7 +226,7 @@ def test_none_backward_keeps_precision_at_large_logits(device, backend):
     (expected,) = torch.autograd.grad(torch.nn.functional.cross_entropy(
         x64, t.cpu(), reduction="none"), x64, gl.cpu().double())
     err = ((grad.cpu().double() - expected).abs() / expected.abs().clamp_min(1e-30)).max()
-    assert err < 2e-6, float(err)
+    assert err < 1e-6, float(err)  # measured 2.5e-7..3.6e-7 (torch eager fp32: 7.6e-7)
 
 
 def test_bce_loss_is_cancellation_free_for_very_negative_logits(device, backend):
@@ -241,13 +241,15 @@ def test_bce_loss_is_cancellation_free_for_very_negative_logits(device, backend)
 
 # ---- bad arguments: the same exception type naming the same argument ------------------------
 
-def _ce_call(ops, op, x, t, w=None, gs=None, ii=-100, eps=0.0, lsq=0.0, cap=0.0, gl=None):
+def _ce_call(ops, op, x, t, w=None, gs=None, ii=-100, eps=0.0, lse_square_scale=0.0, cap=0.0,
+             gl=None):
     if op == "softmax_ce_fwd":
-        return ops.softmax_ce_fwd(x, t, w, gs, ii, eps, lsq, cap, True, True)
+        return ops.softmax_ce_fwd(x, t, w, gs, ii, eps, lse_square_scale, cap, True, True)
     if op == "softmax_ce_fwd_inplace":
-        return ops.softmax_ce_fwd_inplace(x.clone(), t, w, gs, ii, eps, lsq, cap, False)
+        return ops.softmax_ce_fwd_inplace(x.clone(), t, w, gs, ii, eps, lse_square_scale, cap,
+                                          False)
     g = gl if gl is not None else torch.ones(x.shape[0], device=x.device)
-    return ops.softmax_ce_bwd(g, x, t, w, ii, eps, lsq, cap)
+    return ops.softmax_ce_bwd(g, x, t, w, ii, eps, lse_square_scale, cap)
 
 
 CE_OPS = ["softmax_ce_fwd", "softmax_ce_fwd_inplace", "softmax_ce_bwd"]
@@ -263,8 +265,8 @@ def _bad_ce_cases(device):
         ("softcap_negative", dict(cap=-1.0), ValueError, "softcap"),
         ("smoothing_above_1", dict(eps=1.5), ValueError, "label_smoothing"),
         ("smoothing_negative", dict(eps=-0.1), ValueError, "label_smoothing"),
-        ("lsq_negative", dict(lsq=-1e-3), ValueError, "lse_square_scale"),
-        ("lsq_nan", dict(lsq=NAN), ValueError, "lse_square_scale"),
+        ("lse_square_scale_negative", dict(lse_square_scale=-1e-3), ValueError, "lse_square_scale"),
+        ("lse_square_scale_nan", dict(lse_square_scale=NAN), ValueError, "lse_square_scale"),
         ("target_int32", dict(t=t.int()), RuntimeError, "target"),
         ("target_short", dict(t=t[:2]), RuntimeError, "target"),
         ("target_3d", dict(t=x.unsqueeze(0)), RuntimeError, "target"),

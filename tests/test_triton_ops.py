@@ -69,12 +69,12 @@ def prob_targets(rows, classes, dtype, seed=2):
         .to(dtype).to(DEV)
 
 
-def ref_ce(x, t, w, eps, zs, cap, row_scale, ignore_index=-100):
+def ref_ce(x, t, w, eps, lse_square_scale, cap, row_scale, ignore_index=-100):
     x64, w64 = x.to(F64).cpu(), None if w is None else w.to(F64).cpu()
     t64 = t.cpu() if t.dim() == 1 else t.to(F64).cpu()
-    loss, lse = ref.softmax_ce_rows(x64, t64, w64, ignore_index, eps, zs, cap)
+    loss, lse = ref.softmax_ce_rows(x64, t64, w64, ignore_index, eps, lse_square_scale, cap)
     grad = ref.softmax_ce_grad(x64, t64, w64, row_scale.to(F64).cpu().expand(x.shape[0]),
-                               ignore_index, eps, zs, cap)
+                               ignore_index, eps, lse_square_scale, cap)
     return loss, lse, grad
 
 
@@ -99,13 +99,14 @@ CE_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CE_CASES, ids=[c[0] for c in CE_CASES])
 def test_softmax_ce_fwd_matches_reference(case, dtype):
-    _, kind, has_w, eps, zs, cap = case
+    _, kind, has_w, eps, lse_square_scale, cap = case
     x = logits(R, C, dtype)
     t = class_targets(R, C, ignore=(3,)) if kind == "index" else prob_targets(R, C, dtype)
     w = (torch.rand(C, generator=gen(5), dtype=F64) + 0.5).to(dtype).to(DEV) if has_w else None
     scale = torch.tensor(0.25, device=DEV)
-    loss, lse, grad, pred, conf = OPS.softmax_ce_fwd(x, t, w, scale, -100, eps, zs, cap, True, True)
-    rloss, rlse, rgrad = ref_ce(x, t, w, eps, zs, cap, scale)
+    loss, lse, grad, pred, conf = OPS.softmax_ce_fwd(x, t, w, scale, -100, eps, lse_square_scale,
+                                                     cap, True, True)
+    rloss, rlse, rgrad = ref_ce(x, t, w, eps, lse_square_scale, cap, scale)
     acc = F64 if dtype == F64 else torch.float32
     assert loss.dtype == lse.dtype == acc and grad.dtype == dtype and pred.dtype == torch.int64
     close(loss, rloss, LOSS_TOL[dtype], "loss")
@@ -255,16 +256,16 @@ def test_softmax_ce_out_of_range_target_marks_row_nan_in_kernel(monkeypatch):
 @pytest.mark.parametrize("case", [CE_CASES[0], CE_CASES[6], CE_CASES[8]],
                          ids=["plain", "all", "probs+all"])
 def test_softmax_ce_inplace_equals_out_of_place(case, dtype):
-    _, kind, has_w, eps, zs, cap = case
+    _, kind, has_w, eps, lse_square_scale, cap = case
     x = logits(R, C, dtype)
     t = class_targets(R, C, ignore=(2,)) if kind == "index" else prob_targets(R, C, dtype)
     w = (torch.rand(C, generator=gen(5)) + 0.5).to(dtype).to(DEV) if has_w else None
     scale = torch.tensor(2.0, device=DEV)
-    loss, lse, grad, pred, conf = OPS.softmax_ce_fwd(x, t, w, scale, -100, eps, zs, cap, True,
-                                                     True)
+    loss, lse, grad, pred, conf = OPS.softmax_ce_fwd(x, t, w, scale, -100, eps, lse_square_scale,
+                                                     cap, True, True)
     y = x.clone()
-    iloss, ilse, ipred, iconf = OPS.softmax_ce_fwd_inplace(y, t, w, scale, -100, eps, zs, cap,
-                                                           True)
+    iloss, ilse, ipred, iconf = OPS.softmax_ce_fwd_inplace(y, t, w, scale, -100, eps,
+                                                           lse_square_scale, cap, True)
     assert torch.equal(y, grad) and torch.equal(iloss, loss) and torch.equal(ilse, lse)
     assert torch.equal(ipred, pred) and torch.equal(iconf, conf)
 
@@ -273,15 +274,15 @@ def test_softmax_ce_inplace_equals_out_of_place(case, dtype):
 @pytest.mark.parametrize("case", [CE_CASES[0], CE_CASES[3], CE_CASES[6], CE_CASES[8]],
                          ids=["plain", "weight+smoothing", "all", "probs+all"])
 def test_softmax_ce_bwd_matches_reference(case, dtype):
-    _, kind, has_w, eps, zs, cap = case
+    _, kind, has_w, eps, lse_square_scale, cap = case
     x = logits(R, C, dtype)
     t = class_targets(R, C, ignore=(1,)) if kind == "index" else prob_targets(R, C, dtype)
     w = (torch.rand(C, generator=gen(5)) + 0.5).to(dtype).to(DEV) if has_w else None
     g = torch.randn(R, generator=gen(9), dtype=F64).to(dtype).to(DEV)
-    grad = OPS.softmax_ce_bwd(g, x, t, w, -100, eps, zs, cap)
+    grad = OPS.softmax_ce_bwd(g, x, t, w, -100, eps, lse_square_scale, cap)
     x64, w64 = x.to(F64).cpu(), None if w is None else w.to(F64).cpu()
     t64 = t.cpu() if t.dim() == 1 else t.to(F64).cpu()
-    rgrad = ref.softmax_ce_grad(x64, t64, w64, g.to(F64).cpu(), -100, eps, zs, cap)
+    rgrad = ref.softmax_ce_grad(x64, t64, w64, g.to(F64).cpu(), -100, eps, lse_square_scale, cap)
     assert grad.dtype == dtype and grad.shape == x.shape
     close(grad, rgrad, GRAD_TOL[dtype])
 

@@ -4,8 +4,8 @@ Launch configurations
 ---------------------
 Every kernel here is memory-bound, so the configuration only has to keep enough bytes in flight
 per SM and keep the per-program register tile small enough not to spill. The tables below are a
-*starting point* written for sm_90 (H100/H200) and have NOT been measured on a GPU in this
-session (none was lent to it); each entry says what it assumes. They are kept small on purpose:
+*starting point* for sm_90 (H100/H200), derived from `ptxas -v` register counts and not from
+GPU timings; each entry says what it assumes or what was measured. They are kept small on purpose:
 every (block, warps) pair is one more compiled specialisation (see scripts/triton_aot_check.py).
 
 Under TRITON_INTERPRET=1 (CPU, tests only) there is one configuration per kernel and no
@@ -38,7 +38,7 @@ INTERPRET_BCE_TILE = (4, 64)  # (rows, columns)
 # loops over it in blocks of BLOCK columns twice (statistics, then gradient), so the row's
 # second read is an L2 hit for rows up to ~L2/programs-in-flight. Chosen from `ptxas -v`
 # register counts for sm_90a (fwd + grad + weight + softcap, aligned operands), not from
-# timings (no GPU was lent to this work): 8 elements per thread keeps every 16/32-bit config at
+# GPU timings: 8 elements per thread keeps every 16/32-bit config at
 # 40 registers with no spills and 16-byte vector loads, so registers allow 6 CTAs of 8 warps
 # per SM (48 of 64 warps), i.e. 24 KiB (bf16) to 48 KiB (fp32) of logits per SM per block
 # step. 16 elements per thread (4096 x 8 warps) took 80-118 registers; 32 (8192 x 8 warps,
@@ -53,7 +53,7 @@ SOFTMAX_SHORT_ROWS = ((128, 1), (1024, 4))  # (BLOCK = the longest row it serves
 
 # BCE tile (rows, columns) per loop step with 4 warps: 8 elements per thread, so bf16 operands
 # load as 16-byte vectors. Measured with `ptxas -v` for sm_90a (bf16, row-sum loss + gradient,
-# aligned operands), not timed (no GPU in this session): (2, 512) x 4 warps uses 128 registers,
+# aligned operands), not timed on a GPU: (2, 512) x 4 warps uses 128 registers,
 # no spills (4 CTAs = 16 warps per SM); (1, 512) uses 72 but loads 8-byte vectors; (4, 1024)
 # needs 255 and spills. Each program walks BCE_ROW_TILES_PER_PROGRAM tiles down its column
 # tile, so per-class counts are flushed with one integer atomic per class per 64 rows.
@@ -61,8 +61,9 @@ BCE_TILE = (2, 512)
 BCE_WARPS = 4
 BCE_ROW_TILES_PER_PROGRAM = 32
 
-# scale_grad_: a flat elementwise multiply. Assumption: 4096 elements x 4 warps per program
-# (32 per thread, only two live values each).
+# scale_grad_: a flat elementwise multiply. Not measured: 4096 elements x 4 warps per program
+# (32 per thread, only two live values each), assumed enough bytes in flight for a
+# memory-bound multiply.
 SCALE_BLOCK = 4096
 SCALE_WARPS = 4
 INTERPRET_SCALE_BLOCK = 1024

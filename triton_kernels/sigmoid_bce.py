@@ -76,6 +76,10 @@ def _offsets(r2, c2, s_r, s_c, COLS_CONTIG: tl.constexpr):
     return r2 * s_r + c2.to(tl.int64) * s_c
 
 
+# Longer than the other functions (~85 lines) on purpose: one loop over the program's row tiles
+# produces every output of a tile from operands loaded once, and the per-class TP/FP/FN
+# counters it carries across tiles are loop state; split into helpers, the counters and the
+# loaded operands would have to cross function boundaries as tuples each iteration.
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _sigmoid_bce_kernel(
     x_ptr, sx_r,                 # logits (R, C), columns contiguous (the launcher ensures it)

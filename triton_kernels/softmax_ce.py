@@ -10,7 +10,7 @@ reads the row again and writes the gradient. Accumulation is fp32 (fp64 for fp64
 row offset is computed in int64 (program id cast before multiplying by the stride).
 
 Math, per row with z = cap * tanh(x / cap) when soft-capping else z = x, and
-q = lse_square_scale (the z-loss coefficient):
+lse_square_scale the z-loss coefficient:
     lse = m + log(s),  m = max_c z,  s = sum_c exp(z_c - m),  p_c = exp(z_c - m) * (1 / s)
 (p is never exp(z_c - lse): lse rounded to fp32 is only good to ~1e-3 absolute at |z| ~ 1e4).
 Loss sums are kept relative to the running reference r (the max so far), which avoids the
@@ -18,11 +18,11 @@ cancellation of W * lse - sum_c w_c z_c for large logits:
     A = sum_c v_c (z_c - r),  V = sum_c v_c   =>  sum_c v_c (lse - z_c) = V log(s) - A
 (when r moves to r', A -= (r' - r) V), with v_c = w_c for the smoothing term of class-index
 targets and v_c = w_c y'_c (y' = (1-eps) y + eps/C) for probability targets. So
-    index:  loss = (1-eps) w_t (lse - z_t) + (eps/C) (W log s - A) + q lse^2
-    probs:  loss = S log s - A + q lse^2,  S = sum_c w_c y'_c
-and the gradient of the loss w.r.t. z (d lse / d z_c = p_c; d q lse^2 = 2 q lse p_c):
-    index:  dz_c = p_c ((1-eps) w_t + (eps/C) W + 2 q lse) - (1-eps) w_t [c == t] - (eps/C) w_c
-    probs:  dz_c = p_c (S + 2 q lse) - w_c y'_c
+    index:  loss = (1-eps) w_t (lse - z_t) + (eps/C) (W log s - A) + lse_square_scale lse^2
+    probs:  loss = S log s - A + lse_square_scale lse^2,  S = sum_c w_c y'_c
+and the gradient of the loss w.r.t. z (d lse / d z_c = p_c), with k = 2 lse_square_scale lse:
+    index:  dz_c = p_c ((1-eps) w_t + (eps/C) W + k) - (1-eps) w_t [c == t] - (eps/C) w_c
+    probs:  dz_c = p_c (S + k) - w_c y'_c
     softcap: dx_c = dz_c * dz/dx = dz_c (1 - (z_c / cap)^2)
 times g (grad_scale, or the per-row incoming gradient in backward). Ignored rows: loss 0,
 gradient exactly 0 (a `where`, not a product, so an infinite g cannot make NaN). A row holding
@@ -103,35 +103,18 @@ def _row_target(t_ptr, t_stride, row, C, ignore_index, TARGET: tl.constexpr):
     return t, ignored, bad
 
 
-@triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _softmax_ce_kernel(
-    x_ptr, x_stride,            # logits (R, C), row stride (columns contiguous)
-    t_ptr, t_stride,            # target: (R,) int64 or (R, C) probabilities; its row stride
-    w_ptr,                      # class weight (C,) contiguous, ACC dtype (HAS_WEIGHT)
-    scale_ptr, scale_stride,    # grad scale: 0-dim (stride 0) or per row (backward), ACC dtype
-    lse_ptr, loss_ptr,          # (R,) ACC dtype
-    grad_ptr, grad_stride,      # (R, C) gradient, may alias x_ptr (in-place) (GRAD)
-    pred_ptr, conf_ptr,         # (R,) int64 / fp32 (decode)
-    C, ignore_index,
-    eps_hi, eps_lo, lsq_hi, lsq_lo, cap_hi, cap_lo,  # fp64 scalars as fp32 pairs (split_f64)
-    smooth, need_v, decode, has_scale,  # runtime 0/1 switches
-    TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-    GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * x_stride
+@triton.jit
+def _row_stats(x_row, y_row, w_ptr, C, eps, inv_c, cap, need_v, decode,
+               TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+               ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 1 over a row: (m, s, A, V, best, pred) with m the max of the non-NaN z,
+    s = sum exp(z - r) (r = m when finite, else 0), A = sum v (z - r), V = sum v (need_v),
+    best the largest non-NaN z and pred the argmax (the first NaN if any) when decoding."""
     offs = tl.arange(0, BLOCK)
-    inv_c = 1.0 / (tl.zeros([], ACC) + C)
-    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
-    lse_square_scale = (tl.zeros([], ACC) + lsq_hi) + lsq_lo
-    cap = (tl.zeros([], ACC) + cap_hi) + cap_lo
-    t, ignored, bad = _row_target(t_ptr, t_stride, row, C, ignore_index, TARGET)
-
-    # ---- pass 1: online max / sum-of-exp, loss sums, argmax -------------------------------
-    m = tl.full([], -_INF, ACC)           # running max of the non-NaN z
-    s = tl.zeros([], ACC)                # sum exp(z - r), r = finite(m)
-    a = tl.zeros([], ACC)                # A = sum v (z - r)
-    v_sum = tl.zeros([], ACC)            # V = sum v  (W for smoothing, S for probabilities)
+    m = tl.full([], -_INF, ACC)
+    s = tl.zeros([], ACC)
+    a = tl.zeros([], ACC)
+    v_sum = tl.zeros([], ACC)
     best = tl.full([], -_INF, ACC)
     best_idx = tl.zeros([], tl.int32)
     nan_idx = tl.full([], _BIG, tl.int32)
@@ -155,18 +138,82 @@ def _softmax_ce_kernel(
         alpha = tl.exp(tl.where(m == -_INF, -_INF, r_old - r_new))  # 0 before any finite z
         s = s * alpha + tl.sum(tl.exp(z - r_new), axis=0)
         m = m_new
-        # need_v: the V/A sums are needed (probability targets, or smoothing)
-        if need_v != 0:
+        if need_v != 0:  # probability targets, or label smoothing
             if HAS_WEIGHT:
                 v = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
             else:
                 v = tl.where(mask, 1.0, 0.0).to(ACC)
             if TARGET == 2:
-                y = tl.load(t_ptr + row * t_stride + cols, mask=mask, other=0.0).to(ACC)
+                y = tl.load(y_row + cols, mask=mask, other=0.0).to(ACC)
                 v = tl.where(mask, v * (y * (1.0 - eps) + eps * inv_c), 0.0)
             a = a - (r_new - r_old) * v_sum + tl.sum(v * tl.where(mask, z - r_new, 0.0), axis=0)
             v_sum += tl.sum(v, axis=0)
+    pred = tl.where(nan_idx < _BIG, nan_idx, best_idx)
+    return m, s, a, v_sum, best, pred
 
+
+@triton.jit
+def _row_grad(x_row, y_row, w_ptr, g_row, C, t, w_t, eps, inv_c, cap, r, p_mul, g, smooth,
+              zero_row, TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+              ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Pass 2: g * dx_c for the row, with p_c * coef = exp(z_c - r) * p_mul; exactly 0 for a
+    `zero_row` (ignored: a `where`, not a product, so an infinite g cannot make NaN)."""
+    offs = tl.arange(0, BLOCK)
+    for start in range(0, C, BLOCK):
+        cols = start + offs
+        mask = cols < C
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+        z = _capped(x, cap, SOFTCAP)
+        # masked lanes: exp(0), never stored (exp(0 - r) could overflow)
+        dz = tl.exp(tl.where(mask, z - r, 0.0)) * p_mul
+        if TARGET == 1:
+            dz -= tl.where(cols == t, (1.0 - eps) * w_t, 0.0)
+            if smooth != 0:
+                if HAS_WEIGHT:
+                    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+                    dz -= eps * inv_c * w
+                else:
+                    dz -= eps * inv_c
+        else:
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
+            else:
+                w = tl.full([BLOCK], 1.0, ACC)
+            y = tl.load(y_row + cols, mask=mask, other=0.0).to(ACC)
+            dz -= w * (y * (1.0 - eps) + eps * inv_c)
+        if SOFTCAP:
+            q = z / cap
+            dz = dz * (1.0 - q * q)
+        out = tl.where(zero_row, 0.0, g * dz)
+        tl.store(g_row + cols, out.to(g_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
+def _softmax_ce_kernel(
+    x_ptr, x_stride,            # logits (R, C), row stride (columns contiguous)
+    t_ptr, t_stride,            # target: (R,) int64 or (R, C) probabilities; its row stride
+    w_ptr,                      # class weight (C,) contiguous, ACC dtype (HAS_WEIGHT)
+    scale_ptr, scale_stride,    # grad scale: 0-dim (stride 0) or per row (backward), ACC dtype
+    lse_ptr, loss_ptr,          # (R,) ACC dtype
+    grad_ptr, grad_stride,      # (R, C) gradient, may alias x_ptr (in-place) (GRAD)
+    pred_ptr, conf_ptr,         # (R,) int64 / fp32 (decode)
+    C, ignore_index,
+    eps_hi, eps_lo, cap_hi, cap_lo,  # fp64 scalars as fp32 pairs (split_f64)
+    lse_square_scale_hi, lse_square_scale_lo,
+    smooth, need_v, decode, has_scale,  # runtime 0/1 switches
+    TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+    GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    y_row = t_ptr + row * t_stride  # the probability row (TARGET == 2)
+    inv_c = 1.0 / (tl.zeros([], ACC) + C)
+    eps = (tl.zeros([], ACC) + eps_hi) + eps_lo
+    lse_square_scale = (tl.zeros([], ACC) + lse_square_scale_hi) + lse_square_scale_lo
+    cap = (tl.zeros([], ACC) + cap_hi) + cap_lo
+    t, ignored, bad = _row_target(t_ptr, t_stride, row, C, ignore_index, TARGET)
+    m, s, a, v_sum, best, pred = _row_stats(x_row, y_row, w_ptr, C, eps, inv_c, cap, need_v,
+                                            decode, TARGET, HAS_WEIGHT, SOFTCAP, ACC, BLOCK)
     w_t = 1.0
     if TARGET == 1:
         if HAS_WEIGHT:
@@ -181,66 +228,30 @@ def _softmax_ce_kernel(
         loss = (1.0 - eps) * w_t * ((r - z_t) + log_s)  # = lse - z_t, without rounding lse
         if smooth != 0:
             loss += eps * inv_c * (v_sum * log_s - a)
+        coef = (1.0 - eps) * w_t + 2.0 * lse_square_scale * lse
+        if smooth != 0:
+            coef += eps * inv_c * v_sum
     else:
         loss = v_sum * log_s - a
+        coef = v_sum + 2.0 * lse_square_scale * lse
     if lse_square_scale != 0.0:
         loss += lse_square_scale * lse * lse
-    loss = tl.where(pos_inf, _NAN, loss)
-    if TARGET == 1:
-        loss = tl.where(ignored, 0.0, tl.where(bad, _NAN, loss))
     if TARGET != 0:
-        tl.store(loss_ptr + row, loss.to(loss_ptr.dtype.element_ty))
+        loss = tl.where(pos_inf | bad, _NAN, loss)
+        tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss).to(loss_ptr.dtype.element_ty))
     if decode != 0:
-        pred = tl.where(nan_idx < _BIG, nan_idx, best_idx)
         tl.store(pred_ptr + row, pred.to(tl.int64))
         tl.store(conf_ptr + row, tl.where(pos_inf, _NAN, tl.exp(best - r) / s).to(tl.float32))
-
-    # ---- pass 2: gradient -----------------------------------------------------------------
-    # p_c = exp(z_c - r) * (1 / s): z - r is exact near the max, where exp(z - lse) would carry
-    # lse's rounding (an ulp of |lse| ~ 1e-3 at |logits| ~ 1e4 in fp32).
     if GRAD:
+        # p_c = exp(z_c - r) * (1 / s): z - r is exact near the max, where exp(z - lse) would
+        # carry lse's rounding (an ulp of |lse| ~ 1e-3 at |logits| ~ 1e4 in fp32).
         g = tl.full([], 1.0, ACC)
         if has_scale != 0:
             g = tl.load(scale_ptr + row * scale_stride).to(ACC)
-        if TARGET == 1:
-            coef = (1.0 - eps) * w_t + 2.0 * lse_square_scale * lse
-            if smooth != 0:
-                coef += eps * inv_c * v_sum
-        else:
-            coef = v_sum + 2.0 * lse_square_scale * lse
-        if TARGET == 1:
-            g = tl.where(ignored, 0.0, g)  # an ignored row's (infinite) scale is never used
-        p_mul = (1.0 / s) * coef
-        g_row = grad_ptr + row * grad_stride
-        for start in range(0, C, BLOCK):
-            cols = start + offs
-            mask = cols < C
-            x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
-            z = _capped(x, cap, SOFTCAP)
-            # masked lanes: exp(0), never stored (exp(0 - r) could overflow)
-            dz = tl.exp(tl.where(mask, z - r, 0.0)) * p_mul
-            if TARGET == 1:
-                dz -= tl.where(cols == t, (1.0 - eps) * w_t, 0.0)
-                if smooth != 0:
-                    if HAS_WEIGHT:
-                        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
-                        dz -= eps * inv_c * w
-                    else:
-                        dz -= eps * inv_c
-            else:
-                if HAS_WEIGHT:
-                    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(ACC)
-                else:
-                    w = tl.full([BLOCK], 1.0, ACC)
-                y = tl.load(t_ptr + row * t_stride + cols, mask=mask, other=0.0).to(ACC)
-                dz -= w * (y * (1.0 - eps) + eps * inv_c)
-            if SOFTCAP:
-                q = z / cap
-                dz = dz * (1.0 - q * q)
-            out = tl.where(pos_inf, _NAN, g * dz)
-            if TARGET == 1:
-                out = tl.where(ignored, 0.0, tl.where(bad, _NAN, out))
-            tl.store(g_row + cols, out.to(grad_ptr.dtype.element_ty), mask=mask)
+        g = tl.where(pos_inf | bad, _NAN, g)
+        _row_grad(x_row, y_row, w_ptr, grad_ptr + row * grad_stride, C, t, w_t, eps, inv_c, cap,
+                  r, (1.0 / s) * coef, g, smooth, ignored, TARGET, HAS_WEIGHT, SOFTCAP, ACC,
+                  BLOCK)
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,7 +286,8 @@ def _pointer_types(dtype, target_kind, target_dtype=None):
 
 
 _SCALARS = dict(x_stride="i32", t_stride="i32", scale_stride="i32", grad_stride="i32",
-                **{f"{n}_{p}": "fp32" for n in ("eps", "lsq", "cap") for p in ("hi", "lo")})
+                **{f"{n}_{p}": "fp32" for n in ("eps", "cap", "lse_square_scale")
+                   for p in ("hi", "lo")})
 
 
 def _launch(logits, target, weight, scale, scale_stride, lse, loss, grad, pred, conf,
@@ -312,7 +324,7 @@ def _launch(logits, target, weight, scale, scale_stride, lse, loss, grad, pred, 
             ptr(grad, "grad_ptr"), grad.stride(0) if grad is not None else 0,
             ptr(pred if decode else None, "pred_ptr"), ptr(conf if decode else None, "conf_ptr"),
             classes, int(ignore_index), *split_f64(label_smoothing),
-            *split_f64(lse_square_scale), *split_f64(softcap if softcap > 0 else 1.0),
+            *split_f64(softcap if softcap > 0 else 1.0), *split_f64(lse_square_scale),
             int(label_smoothing > 0), int(target_kind == 2 or label_smoothing > 0),
             int(bool(decode)), int(scale is not None),
             **_constexprs(logits.dtype, target_kind, weight is not None, softcap > 0,
