@@ -1,6 +1,8 @@
 """Causal LMs patched by fusedloss.integrations.transformers.apply against stock transformers:
 the loss and every parameter gradient (fp32), the outputs, generation."""
 
+import copy
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from test_hf_models import (  # noqa: E402
     assert_same_training_signal,
     causal_pair,
     labels_for,
+    loss_and_grads,
 )
 
 
@@ -103,3 +106,27 @@ def test_gradient_checkpointing_training_mode():
     flt.apply(model)
     x = torch.randint(0, VOCAB, (2, 9))
     assert_same_training_signal(stock, model, input_ids=x, labels=labels_for(x))
+
+
+def test_autocast_bf16_no_further_from_fp64_than_stock():
+    """Under CPU autocast (bf16) the fused linear path casts as nn.Linear would; its lm_head
+    gradient is no further from the float64 model's than stock's own bf16 one."""
+    stock, model = causal_pair("llama")
+    flt.apply(model)
+    exact = copy.deepcopy(stock).double()
+    x = torch.randint(0, VOCAB, (2, 9))
+    labels = labels_for(x)
+    ref, ref_grads = loss_and_grads(exact, input_ids=x, labels=labels)
+    errs = {}
+    for name, m in (("stock", stock), ("fused", model)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, grads = loss_and_grads(m, input_ids=x, labels=labels)
+        g = grads["lm_head.weight"].double()
+        errs[name] = ((out.loss.double() - ref.loss).abs().item(),
+                      ((g - ref_grads["lm_head.weight"]).norm() /
+                       ref_grads["lm_head.weight"].norm()).item())
+    # the gradient: as close as stock's; the loss value: stock upcasts the logits and returns
+    # fp32, the fused op computes in fp32 and returns the input dtype (bf16), so its value may
+    # also carry bf16's rounding, half an ulp: at most |loss| * 2**-8 (8-bit significand).
+    assert errs["fused"][1] <= 2 * errs["stock"][1] + 1e-6, errs
+    assert errs["fused"][0] <= 2 * errs["stock"][0] + ref.loss.item() * 2**-8, errs

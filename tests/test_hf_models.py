@@ -64,7 +64,7 @@ def labels_for(input_ids: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def _loss_and_grads(model, **inputs):
+def loss_and_grads(model, **inputs):
     model.zero_grad(set_to_none=True)
     out = model(**inputs)
     out.loss.backward()
@@ -74,8 +74,8 @@ def _loss_and_grads(model, **inputs):
 
 def assert_same_training_signal(stock, patched, **inputs):
     """Same loss and same gradient for every parameter; returns both outputs."""
-    ref, ref_grads = _loss_and_grads(stock, **inputs)
-    out, grads = _loss_and_grads(patched, **inputs)
+    ref, ref_grads = loss_and_grads(stock, **inputs)
+    out, grads = loss_and_grads(patched, **inputs)
     torch.testing.assert_close(out.loss, ref.loss)
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
