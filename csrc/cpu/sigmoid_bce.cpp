@@ -67,83 +67,91 @@ struct BceBuffers {
   };
 };
 
+// The operands of one block of a row, in acc precision (null when absent).
+template <typename acc>
+struct BceBlock {
+  const acc *x = nullptr, *y = nullptr, *w = nullptr, *pw = nullptr, *gl = nullptr;
+  int64_t n = 0;    // columns in the block
+  int64_t out = 0;  // element offset of the block in the (R, C) outputs
+};
+
+// Loss, probabilities and gradient of one block; the row-sum loss is added to `row_sum`.
+template <typename scalar_t>
+void bce_block(const BceJob& j, const BceBlock<acc_type<scalar_t>>& b,
+               Vectorized<acc_type<scalar_t>>& row_sum) {
+  using acc = acc_type<scalar_t>;
+  using Vec = Vectorized<acc>;
+  constexpr int64_t V = Vec::size();
+  const Vec zero(0), one(1), vg(static_cast<acc>(j.g));
+  for (int64_t i = 0; i < b.n; i += V) {
+    const int64_t k = std::min(V, b.n - i), o = b.out + i;
+    const Vec x = vload(b.x + i, k);
+    const Vec e = vexp(x.abs().neg());
+    const Vec y = b.y != nullptr ? vload(b.y + i, k) : zero;
+    const Vec p = b.pw != nullptr ? vload(b.pw + i, k) : one;
+    if (j.loss_rows || j.loss_elem) {
+      Vec l = bce_loss(x, y, p, e, b.pw != nullptr);
+      if (b.w != nullptr) l = l * vload(b.w + i, k);
+      if (j.loss_rows) {
+        row_sum += k == V ? l : Vec::set(zero, l, k);
+      } else if (j.loss_elem_acc) {
+        vstore(static_cast<acc*>(j.loss_elem_out) + o, l, k);
+      } else {
+        vstore_as<scalar_t, acc>(static_cast<scalar_t*>(j.loss_elem_out) + o, l, k);
+      }
+    }
+    if (!j.grad && !j.probs) continue;
+    const Vec rcp = one / (one + e);
+    const Vec sig = Vec::blendv(e * rcp, rcp, x >= zero);
+    if (j.probs) vstore_as<scalar_t, acc>(static_cast<scalar_t*>(j.probs_out) + o, sig, k);
+    if (j.grad) {
+      const Vec py = b.pw != nullptr ? p * y : y;
+      Vec d = b.pw != nullptr ? (py + one - y) * sig - py : sig - y;
+      if (b.w != nullptr) d = d * vload(b.w + i, k);
+      d = b.gl != nullptr ? d * vload(b.gl + i, k) : d * vg;
+      vstore_as<scalar_t, acc>(static_cast<scalar_t*>(j.grad_out) + o, d, k);
+    }
+  }
+}
+
+// Labels of one block (x > threshold) and, when `cnt` is not null, its TP/FP/FN counts.
+template <typename acc>
+void label_block(const BceJob& j, const BceBlock<acc>& b, int64_t c0, int64_t C, int64_t* cnt) {
+  bool* lb = j.labels_out + b.out;
+  const acc* tb = static_cast<const acc*>(j.thr) + c0;
+  for (int64_t i = 0; i < b.n; ++i) lb[i] = b.x[i] > tb[i];
+  if (cnt == nullptr) return;
+  int64_t* tp = cnt + c0;
+  int64_t* fp = cnt + C + c0;
+  int64_t* fn = cnt + 2 * C + c0;
+  for (int64_t i = 0; i < b.n; ++i) {
+    const int64_t lab = lb[i], pos = b.y[i] > acc(0.5);
+    tp[i] += lab & pos;
+    fp[i] += lab & (1 - pos);
+    fn[i] += (1 - lab) & pos;
+  }
+}
+
 // Rows [r0, r1); `cnt` is this chunk's (3, C) partial counts or null.
 template <typename scalar_t>
 void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, int64_t* cnt) {
   using acc = acc_type<scalar_t>;
-  using Vec = Vectorized<acc>;
-  constexpr int64_t V = Vec::size();
   BceBuffers::Of<acc> buf;
-  const acc* thr = static_cast<const acc*>(j.thr);
   const bool need_y = j.loss_rows || j.loss_elem || j.grad || j.count;
-  const bool need_sig = j.grad || j.probs;
-  const bool need_loss = j.loss_rows || j.loss_elem;
-  const Vec zero(0), one(1), vg(static_cast<acc>(j.g));
+  const bool elementwise = j.loss_rows || j.loss_elem || j.grad || j.probs;
   for (int64_t r = r0; r < r1; ++r) {
-    Vec row_sum(0);
-    const int64_t ro = r * C;
+    Vectorized<acc> row_sum(0);
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-      const int64_t n = std::min(kBlock, C - c0);
-      const acc* xb = j.x.block<acc>(r, c0, n, buf.x.data());
-      const acc* yb = need_y ? j.y.block<acc>(r, c0, n, buf.y.data()) : nullptr;
-      const acc* wb = j.w.defined() ? j.w.block<acc>(r, c0, n, buf.w.data()) : nullptr;
-      const acc* pb = j.pw.defined() ? j.pw.block<acc>(r, c0, n, buf.pw.data()) : nullptr;
-      const acc* gb = j.gl.defined() ? j.gl.block<acc>(r, c0, n, buf.gl.data()) : nullptr;
-      if (need_loss || need_sig) {
-        for (int64_t i = 0; i < n; i += V) {
-          const int64_t k = std::min(V, n - i);
-          const Vec x = vload(xb + i, k);
-          const Vec e = vexp(x.abs().neg());
-          const Vec y = yb != nullptr ? vload(yb + i, k) : zero;
-          const Vec p = pb != nullptr ? vload(pb + i, k) : one;
-          if (need_loss) {
-            Vec l = bce_loss(x, y, p, e, pb != nullptr);
-            if (wb != nullptr) l = l * vload(wb + i, k);
-            if (j.loss_rows) {
-              row_sum += k == V ? l : Vec::set(zero, l, k);
-            } else if (j.loss_elem_acc) {
-              vstore(static_cast<acc*>(j.loss_elem_out) + ro + c0 + i, l, k);
-            } else {
-              vstore_as<scalar_t, acc>(static_cast<scalar_t*>(j.loss_elem_out) + ro + c0 + i, l, k);
-            }
-          }
-          if (need_sig) {
-            const Vec rcp = one / (one + e);
-            const Vec sig = Vec::blendv(e * rcp, rcp, x >= zero);
-            if (j.probs) {
-              vstore_as<scalar_t, acc>(static_cast<scalar_t*>(j.probs_out) + ro + c0 + i, sig, k);
-            }
-            if (j.grad) {
-              Vec d;
-              if (pb != nullptr) {
-                const Vec py = p * y;
-                d = (py + one - y) * sig - py;
-              } else {
-                d = sig - y;
-              }
-              if (wb != nullptr) d = d * vload(wb + i, k);
-              d = gb != nullptr ? d * vload(gb + i, k) : d * vg;
-              vstore_as<scalar_t, acc>(static_cast<scalar_t*>(j.grad_out) + ro + c0 + i, d, k);
-            }
-          }
-        }
-      }
-      if (j.labels) {
-        bool* lb = j.labels_out + ro + c0;
-        const acc* tb = thr + c0;
-        for (int64_t i = 0; i < n; ++i) lb[i] = xb[i] > tb[i];
-        if (cnt != nullptr) {
-          int64_t* tp = cnt + c0;
-          int64_t* fp = cnt + C + c0;
-          int64_t* fn = cnt + 2 * C + c0;
-          for (int64_t i = 0; i < n; ++i) {
-            const int64_t lab = lb[i], pos = yb[i] > acc(0.5);
-            tp[i] += lab & pos;
-            fp[i] += lab & (1 - pos);
-            fn[i] += (1 - lab) & pos;
-          }
-        }
-      }
+      BceBlock<acc> b;
+      b.n = std::min(kBlock, C - c0);
+      b.out = r * C + c0;
+      b.x = j.x.block<acc>(r, c0, b.n, buf.x.data());
+      if (need_y) b.y = j.y.block<acc>(r, c0, b.n, buf.y.data());
+      if (j.w.defined()) b.w = j.w.block<acc>(r, c0, b.n, buf.w.data());
+      if (j.pw.defined()) b.pw = j.pw.block<acc>(r, c0, b.n, buf.pw.data());
+      if (j.gl.defined()) b.gl = j.gl.block<acc>(r, c0, b.n, buf.gl.data());
+      if (elementwise) bce_block<scalar_t>(j, b, row_sum);
+      if (j.labels) label_block<acc>(j, b, c0, C, cnt);
     }
     if (j.loss_rows) static_cast<acc*>(j.loss_rows_out)[r] = hsum(row_sum);
   }
