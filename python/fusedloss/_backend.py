@@ -1,7 +1,9 @@
 """Backend registry: which implementations of the ops in csrc/ops.cpp exist, and which to use.
 
 A backend is a name, a predicate saying which devices it serves, and an `ops` object with one
-callable per op of docs/OPS.md (same argument order as the schema). Backends register
+callable per op of the contract (`_contract.OPS`: the schemas of csrc/ops.cpp, semantics in
+docs/OPS.md). `register` checks every op against the contract's signature: registered torch
+ops schema to schema, Python functions by their parameter names in order. Backends register
 themselves at import (`_torch_backend`, `_native`, `_triton`); the functional layer only ever
 calls `get(name, device).ops.<op>(...)`, so a new backend plugs in without touching it.
 """
@@ -15,24 +17,17 @@ from typing import Any
 
 import torch
 
+from . import _contract
+
 ENV_VAR = "FUSEDLOSS_BACKEND"
 
-OP_NAMES = (
-    "softmax_ce_fwd",
-    "softmax_ce_fwd_inplace",
-    "softmax_ce_bwd",
-    "softmax_decode",
-    "sigmoid_bce_fwd",
-    "sigmoid_bce_bwd",
-    "sigmoid_decode",
-    "scale_grad_",
-)
+OP_NAMES = _contract.OP_NAMES
 
 
 @dataclass
 class Backend:
     name: str
-    ops: Any  # an object with one attribute per name in OP_NAMES
+    ops: Any  # an object with one callable per op of _contract.OPS
     supports: Callable[[torch.device], bool]  # is it built/usable for this device?
     priority: dict  # device type -> rank for backend="auto" (lower first); absent: never auto
     build_hint: str  # what to do when it is asked for but not built
@@ -44,9 +39,12 @@ KNOWN = {"native": "", "triton": "", "torch": ""}
 
 
 def register(backend: Backend) -> None:
-    missing = [op for op in OP_NAMES if not hasattr(backend.ops, op)]
-    if missing:
-        raise TypeError(f"backend {backend.name!r} lacks ops {missing}")
+    """Add `backend`, or raise TypeError naming every op it lacks or implements with another
+    signature than the contract's."""
+    bad = _contract.mismatches(backend.ops)
+    if bad:
+        raise TypeError(f"backend {backend.name!r} does not implement the op contract: "
+                        + "; ".join(f"{op}: {why}" for op, why in bad.items()))
     _REGISTRY[backend.name] = backend
     KNOWN[backend.name] = ""
 

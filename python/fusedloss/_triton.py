@@ -1,5 +1,6 @@
 """The `triton` backend: the ops of csrc/ops.cpp as torch.library custom ops around the Triton
-launchers in fusedloss.triton_kernels, registered in the namespace `fusedloss_triton`.
+launchers in fusedloss.triton_kernels, registered in the namespace `fusedloss_triton` with the
+schemas and fake kernels of the op contract (`_contract.OPS`), so they are the native ops'.
 
 Why custom_op and not torch.library.triton_op: under TRITON_INTERPRET=1 on CPU, triton_op /
 wrap_triton fail in torch.compile and opcheck, while a custom_op with a fake kernel (the same
@@ -16,7 +17,7 @@ that into "triton backend unavailable".
 from __future__ import annotations
 
 import os
-from typing import Optional  # custom_op parses the annotations: keep the spelling torch>=2.6 knows
+from typing import Optional  # the wrappers' annotations spell out the contract's types
 
 import torch
 import triton  # noqa: F401  (ImportError here = backend unavailable)
@@ -24,6 +25,7 @@ from torch import Tensor
 
 from . import (
     _backend,
+    _contract,
     _ops,  # fake kernels shared with the native ops
 )
 from . import _op_checks as checks
@@ -34,8 +36,11 @@ from .triton_kernels import softmax_ce as _ce
 NAMESPACE = "fusedloss_triton"
 
 
-def _op(name: str, mutates_args=()):
-    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=mutates_args)
+def _op(name: str):
+    """A custom op with the contract's schema (not one inferred from the annotations)."""
+    op = _contract.OPS[name]
+    return torch.library.custom_op(f"{NAMESPACE}::{name}", mutates_args=op.mutated,
+                                   schema=_contract.custom_op_schema(op))
 
 
 @_op("softmax_ce_fwd")
@@ -49,7 +54,7 @@ def softmax_ce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                               lse_square_scale, softcap, compute_grad, decode)
 
 
-@_op("softmax_ce_fwd_inplace", mutates_args=("logits",))
+@_op("softmax_ce_fwd_inplace")
 def softmax_ce_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                            grad_scale: Optional[Tensor], ignore_index: int,
                            label_smoothing: float, lse_square_scale: float, softcap: float,
@@ -103,7 +108,7 @@ def sigmoid_decode(logits: Tensor, threshold: Tensor, return_probs: bool
     return _bce.sigmoid_decode(logits, threshold, return_probs)
 
 
-@_op("scale_grad_", mutates_args=("grad",))
+@_op("scale_grad_")
 def scale_grad_(grad: Tensor, scale: Tensor) -> None:
     checks.scale_grad_(grad, scale)
     _scale.scale_grad_(grad, scale)
