@@ -6,7 +6,7 @@ PY      ?= python3
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 TORCH   ?= torch==2.14.1
-DEPS    := numpy hypothesis pytest pytest-xdist scikit-learn matplotlib tqdm liger-kernel ruff transformers
+DEPS    := numpy hypothesis pytest pytest-xdist scikit-learn matplotlib tqdm liger-kernel ruff transformers accelerate
 STAMP   := $(VENV)/.deps-stamp
 # Parallel compile jobs of this build only (not exported: `make gpu-check` sizes its own build).
 BUILD_JOBS ?= $(shell nproc 2>/dev/null || echo 2)
