@@ -18,7 +18,7 @@ from torch import Tensor
 from . import _backend
 from . import reference as ref
 from .linear_ce import _scale_
-from .linear_chunks import LinearGrads, chunk_bounds, chunk_logits, empty
+from .linear_chunks import LinearGrads, chunk_bounds, chunk_logits, empty, grad_fakes
 
 _NS = "fusedloss_linear"
 
@@ -81,16 +81,6 @@ def bce_fwd(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
     return (loss, *grads.result(x.dtype), g_target, labels, counts)
 
 
-def _grad_fakes(x, w, b, target, need_input, need_weight, need_bias, need_target):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_input
-            else empty(x),
-            torch.empty_like(w, memory_format=torch.contiguous_format) if need_weight
-            else empty(w),
-            w.new_empty((w.shape[0],)) if need_bias and b is not None else empty(w),
-            torch.empty_like(target, memory_format=torch.contiguous_format) if need_target
-            else empty(target))
-
-
 @bce_fwd.register_fake
 def _bce_fwd_fake(input, linear_weight, linear_bias, target, weight, pos_weight, grad_scale,
                   threshold, backend, chunk_size, reduce_rows, need_input, need_weight,
@@ -102,7 +92,7 @@ def _bce_fwd_fake(input, linear_weight, linear_bias, target, weight, pos_weight,
     labels = x.new_empty((rows, classes), dtype=torch.bool) if threshold is not None \
         else empty(x, torch.bool)
     counts = x.new_empty((3, classes), dtype=torch.int64) if count else empty(x, torch.int64)
-    return (loss, *_grad_fakes(x, w, linear_bias, target, need_input, need_weight, need_bias,
+    return (loss, *grad_fakes(x, w, linear_bias, target, need_input, need_weight, need_bias,
                                need_target), labels, counts)
 
 
@@ -139,7 +129,7 @@ def bce_bwd_elems(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
 def _bce_bwd_elems_fake(grad_loss, input, linear_weight, linear_bias, target, weight,
                         pos_weight, backend, chunk_size, need_input, need_weight, need_bias,
                         need_target):
-    return _grad_fakes(input, linear_weight, linear_bias, target, need_input, need_weight,
+    return grad_fakes(input, linear_weight, linear_bias, target, need_input, need_weight,
                        need_bias, need_target)
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import _backend
 from . import reference as ref
-from .linear_chunks import LinearGrads, chunk_bounds, chunk_logits, empty
+from .linear_chunks import LinearGrads, chunk_bounds, chunk_logits, empty, grad_fakes
 
 _NS = "fusedloss_linear"
 
@@ -98,21 +98,11 @@ def _ce_fwd_fake(input, linear_weight, linear_bias, target, weight, grad_scale, 
     rows = x.shape[0]
     acc = ref.compute_dtype(x.dtype)
     return (x.new_empty((rows,), dtype=acc), x.new_empty((rows,), dtype=acc),
-            *_grad_fakes(x, w, linear_bias, target, need_input, need_weight, need_bias,
+            *grad_fakes(x, w, linear_bias, target, need_input, need_weight, need_bias,
                          need_target)[:3],
             x.new_empty((rows,), dtype=torch.int64) if decode else empty(x, torch.int64),
             x.new_empty((rows,), dtype=torch.float32) if decode else empty(x, torch.float32),
-            _grad_fakes(x, w, linear_bias, target, False, False, False, need_target)[3])
-
-
-def _grad_fakes(x, w, b, target, need_input, need_weight, need_bias, need_target):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_input
-            else empty(x),
-            torch.empty_like(w, memory_format=torch.contiguous_format) if need_weight
-            else empty(w),
-            w.new_empty((w.shape[0],)) if need_bias and b is not None else empty(w),
-            torch.empty_like(target, memory_format=torch.contiguous_format) if need_target
-            else empty(target))
+            grad_fakes(x, w, linear_bias, target, False, False, False, need_target)[3])
 
 
 @torch.library.custom_op(f"{_NS}::ce_bwd_rows", mutates_args=())
@@ -153,7 +143,7 @@ def ce_bwd_rows(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
 def _ce_bwd_rows_fake(grad_loss, input, linear_weight, linear_bias, target, weight, backend,
                       ignore_index, label_smoothing, lse_square_scale, softcap, chunk_size,
                       need_input, need_weight, need_bias, need_target):
-    return _grad_fakes(input, linear_weight, linear_bias, target, need_input, need_weight,
+    return grad_fakes(input, linear_weight, linear_bias, target, need_input, need_weight,
                        need_bias, need_target)
 
 

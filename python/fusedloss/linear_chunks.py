@@ -49,6 +49,17 @@ def empty(like: Tensor, dtype=None) -> Tensor:
     return like.new_empty((0,), dtype=dtype or like.dtype)
 
 
+def grad_fakes(x, w, b, target, need_input, need_weight, need_bias, need_target):
+    """Fake (meta) gradients of the linear ops: input, weight, bias, target, or empty ones."""
+    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_input
+            else empty(x),
+            torch.empty_like(w, memory_format=torch.contiguous_format) if need_weight
+            else empty(w),
+            w.new_empty((w.shape[0],)) if need_bias and b is not None else empty(w),
+            torch.empty_like(target, memory_format=torch.contiguous_format) if need_target
+            else empty(target))
+
+
 def chunk_logits(x: Tensor, w: Tensor, b: Tensor | None, buf: Tensor) -> Tensor:
     """`x @ w^T + b` into the first x.shape[0] rows of buf (contiguous), returned."""
     out = buf[: x.shape[0]]
