@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import Tensor
 
-REDUCTIONS = ("none", "mean", "sum")
+from ._reduction import REDUCTIONS
 
 _DTYPE_NAMES = {torch.int32: "Int", torch.float32: "Float", torch.float64: "Double",
                 torch.int64: "Long", torch.int16: "Short", torch.bool: "Bool",

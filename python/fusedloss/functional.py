@@ -35,6 +35,7 @@ from ._checks import (
     is_symbolic,
     legacy_reduction,
 )
+from ._reduction import mean_denominator
 from .autograd import BCEConfig, CEConfig, bce_apply, ce_apply
 
 
@@ -131,13 +132,8 @@ def _ce_grad_scale(x2: Tensor, t2: Tensor, weight: Tensor | None, prob: bool,
     if prob:
         denom = torch.full((), float(x2.shape[0]), device=x2.device, dtype=acc)
     else:
-        valid = t2 != ignore_index
-        if weight is None:
-            denom = valid.sum(dtype=acc)
-        elif x2.shape[1]:
-            denom = (weight.detach().to(acc)[t2.clamp(0, x2.shape[1] - 1)] * valid).sum()
-        else:
-            denom = torch.zeros((), device=x2.device, dtype=acc)
+        denom = mean_denominator(t2, ignore_index,
+                                 None if weight is None else weight.detach(), acc)
     return 1.0 / denom
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import _backend
 from . import functional as F
 from . import reference as ref
+from ._reduction import mean_denominator
 from .linear_bce import LinearBCEFunction
 from .linear_ce import LinearCrossEntropyFunction
 from .linear_chunks import default_chunk_rows
@@ -91,12 +92,7 @@ def _ce_mean_scale(t2: Tensor, weight: Tensor | None, prob: bool, ignore_index: 
     the summed class weight of the non-ignored rows."""
     if prob:
         return 1.0 / torch.full((), float(t2.shape[0]), device=t2.device, dtype=acc)
-    valid = t2 != ignore_index
-    if weight is None:
-        return 1.0 / valid.sum(dtype=acc)
-    w_t = weight.to(acc)[t2.clamp(0, max(classes - 1, 0))] if classes \
-        else torch.zeros_like(t2, dtype=acc)
-    return 1.0 / (w_t * valid).sum()
+    return 1.0 / mean_denominator(t2, ignore_index, weight, acc)
 
 
 def _ce_options(reduction, label_smoothing, lse_square_scale, softcap):
