@@ -50,7 +50,8 @@ def gathered_reference(local_logits, target, label_smoothing=0.0, group=None):
     return loss.detach(), full.grad[:, start:start + sizes[rank]], full.detach()
 
 
-def run(args) -> None:
+def _setup(args):
+    """Process group, device, and this rank's slice of the head; the data on every rank."""
     cuda = torch.cuda.is_available() and not args.cpu
     dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -59,7 +60,6 @@ def run(args) -> None:
     if cuda:
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-
     sizes = shard_sizes(args.vocab, world)
     start = sum(sizes[:rank])
     # Same seed everywhere: every rank builds the same full head and data, keeps its slice.
@@ -70,42 +70,33 @@ def run(args) -> None:
     target = torch.randint(0, args.vocab, (args.tokens,), generator=g)
     target[:: args.tokens // 8] = -100  # a few padded positions
     w_local = head[start:start + sizes[rank]].clone().to(device).requires_grad_()
-    hidden, target = hidden.to(device), target.to(device)
+    return cuda, rank, world, w_local, hidden.to(device), target.to(device)
 
-    loss_fn = fd.VocabParallelCrossEntropyLoss(label_smoothing=args.label_smoothing,
-                                               lse_square_scale=args.z_loss,
-                                               return_decoding=True, validate=False)
-    opt = torch.optim.SGD([w_local], lr=args.lr)
 
-    # Step 0 check: same loss and head gradient as torch on the gathered logits.
-    if args.label_smoothing == 0 and args.z_loss == 0:
-        logits = hidden @ w_local.T
-        out = loss_fn(logits, target)
-        (gw,) = torch.autograd.grad(out.loss, w_local)
-        ref, ref_glogits, full = gathered_reference(logits, target)
-        torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(gw, ref_glogits.T @ hidden, rtol=1e-4, atol=1e-6)
-        assert torch.equal(out.pred, full.argmax(-1))
-        if rank == 0:
-            print(f"step 0 matches torch on the gathered logits: loss {out.loss.item():.5f}")
+def _check_step0(loss_fn, hidden, w_local, target, rank) -> None:
+    """Same loss and head gradient as torch on the gathered logits."""
+    logits = hidden @ w_local.T
+    out = loss_fn(logits, target)
+    (gw,) = torch.autograd.grad(out.loss, w_local)
+    ref, ref_glogits, full = gathered_reference(logits, target)
+    torch.testing.assert_close(out.loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, ref_glogits.T @ hidden, rtol=1e-4, atol=1e-6)
+    assert torch.equal(out.pred, full.argmax(-1))
+    if rank == 0:
+        print(f"step 0 matches torch on the gathered logits: loss {out.loss.item():.5f}")
 
-    for step in range(args.steps):
-        logits = hidden @ w_local.T  # (tokens, vocab_local): column-parallel LM head
-        out = loss_fn(logits, target)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        acc = out.correct.sum() / (target != -100).sum()
-        if rank == 0 and (step % max(1, args.steps // 5) == 0 or step == args.steps - 1):
-            print(f"step {step:3d}  loss {out.loss.item():.4f}  token accuracy {acc.item():.3f}")
 
-    # Timing: fwd+bwd of the loss alone, ours vs all_gather(logits) + torch.
+def _time(args, loss_fn, hidden, w_local, target, cuda, rank, world) -> None:
+    """fwd+bwd of the loss alone, ours vs all_gather(logits) + torch."""
     logits = (hidden @ w_local.T).detach()
+
     def ours():
         x = logits.detach().requires_grad_()  # a fresh leaf, no copy
         loss_fn(x, target).loss.backward()
+
     def gathered():
         gathered_reference(logits, target, args.label_smoothing)  # (no z-loss term)
+
     for name, fn in (("fusedloss.distributed", ours), ("all_gather + F.cross_entropy", gathered)):
         fn()
         dist.barrier()
@@ -122,6 +113,26 @@ def run(args) -> None:
             print(f"{name:30s} median {1e3 * times[len(times) // 2]:8.2f} ms  "
                   f"({args.tokens} tokens x {args.vocab} vocab, {world} ranks, "
                   f"{'cuda/nccl' if cuda else 'cpu/gloo'})")
+
+
+def run(args) -> None:
+    cuda, rank, world, w_local, hidden, target = _setup(args)
+    loss_fn = fd.VocabParallelCrossEntropyLoss(label_smoothing=args.label_smoothing,
+                                               lse_square_scale=args.z_loss,
+                                               return_decoding=True, validate=False)
+    opt = torch.optim.SGD([w_local], lr=args.lr)
+    if args.label_smoothing == 0 and args.z_loss == 0:
+        _check_step0(loss_fn, hidden, w_local, target, rank)
+    for step in range(args.steps):
+        logits = hidden @ w_local.T  # (tokens, vocab_local): column-parallel LM head
+        out = loss_fn(logits, target)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        acc = out.correct.sum() / (target != -100).sum()
+        if rank == 0 and (step % max(1, args.steps // 5) == 0 or step == args.steps - 1):
+            print(f"step {step:3d}  loss {out.loss.item():.4f}  token accuracy {acc.item():.3f}")
+    _time(args, loss_fn, hidden, w_local, target, cuda, rank, world)
     dist.destroy_process_group()
 
 

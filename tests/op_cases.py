@@ -86,10 +86,11 @@ SIZES = {
 # CUDA (native and Triton): warp rows, block rows and clusters of blocks (csrc/cuda/softmax_ce.cu).
 CUDA_SIZES = Sizes(
     grid=((7, 10, "warp rows"), (33, 1000, "ImageNet classes: warp or block rows"),
-          (4, 50257, "GPT-2 vocabulary: odd C, clusters of blocks")),
+          (4, 50257, "GPT-2 vocabulary: odd C, clusters of 2 (bf16/fp16), 4 (fp32), 8 (fp64)"),
+          (3, 131072, "Llama-3 vocabulary: clusters of 4 (bf16/fp16), 8 (fp32/fp64)")),
     extra_classes=((6, 1, "a single class"),),
     bce=((9, 1, "a single class"), (11, 1000, "ImageNet classes"),
-         (3, 3001, "odd C, several tiles")))
+         (3, 3001, "odd C, several tiles"), (3, 70000, "many tiles: the reduce_rows workspace")))
 
 
 def sizes(device: str, backend: str) -> Sizes:
@@ -118,6 +119,15 @@ def _gen(seed: int) -> torch.Generator:
 def logits(rows, classes, dtype, device, seed=0, scale=3.0):
     x = torch.randn(rows, classes, generator=_gen(seed), dtype=F64) * scale
     return x.to(dtype).to(device)
+
+
+def sliced(x, pad=3):
+    """The same values as `x`, as a column slice of a wider tensor: row stride C + pad, rows
+    not 16-byte aligned (the op contract allows any row stride)."""
+    wide = torch.full((x.shape[0], x.shape[1] + pad), float("nan"), dtype=x.dtype,
+                      device=x.device)
+    wide[:, :x.shape[1]] = x
+    return wide[:, :x.shape[1]]
 
 
 def class_target(rows, classes, device, seed=1, ignore=(), ignore_index=-100):
@@ -182,6 +192,12 @@ def ce_fwd_samples(device, backend, dtype) -> list[Sample]:
     for name, opt, rows, classes in _grid(device, backend):
         x, t, w, g, ii, eps, s, cap = _ce_operands(opt, rows, classes, dtype, device)
         out.append(Sample(name, "softmax_ce_fwd", (x, t, w, g, ii, eps, s, cap, True, True)))
+    rows, classes, _ = sizes(device, backend).grid[-1]
+    for opt in (CE_OPTIONS[7], CE_OPTIONS[9]):  # "all", "probs_all"
+        x, t, w, g, ii, eps, s, cap = _ce_operands(opt, rows, classes, dtype, device)
+        t = sliced(t) if t.dim() == 2 else t
+        out.append(Sample(f"{opt[0]}-sliced-{rows}x{classes}", "softmax_ce_fwd",
+                          (sliced(x), t, w, g, ii, eps, s, cap, True, True)))
     x, t, *_ = _ce_operands(CE_OPTIONS[0], 8, 37, dtype, device)
     out.append(Sample("no_grad_no_decode", "softmax_ce_fwd",
                       (x, t, None, None, -100, 0.0, 0.0, 0.0, False, False)))
@@ -269,6 +285,10 @@ def bce_fwd_samples(device, backend, dtype) -> list[Sample]:
                               (x, y, w, pw, gs, thr, True, True, True, True)))
             out.append(Sample(name + "-elem", "sigmoid_bce_fwd",
                               (x, y, w, pw, None, None, False, False, False, False)))
+    rows, classes, _ = sizes(device, backend).bce[-1]
+    x, y, w, pw, thr = _bce_operands(BCE_OPTIONS[3], rows, classes, dtype, device)
+    out.append(Sample(f"sliced-{rows}x{classes}", "sigmoid_bce_fwd",
+                      (sliced(x), sliced(y), w, pw, None, thr, True, True, True, True)))
     x, y, *_ = _bce_operands(BCE_OPTIONS[1], 4, 7, dtype, device)
     out.append(Sample("zero_rows", "sigmoid_bce_fwd",
                       (x[:0], y[:0], None, None, None, torch.zeros(7, device=device), True, True,
@@ -296,7 +316,8 @@ def sigmoid_decode_samples(device, backend, dtype) -> list[Sample]:
     thr = torch.randn(classes, generator=_gen(10)).to(device)
     x[0] = thr.to(dtype)  # exactly at the threshold (where representable): negative
     return [Sample("probs", "sigmoid_decode", (x, thr, True)),
-            Sample("labels_only", "sigmoid_decode", (x, thr, False))]
+            Sample("labels_only", "sigmoid_decode", (x, thr, False)),
+            Sample("sliced", "sigmoid_decode", (sliced(x), thr, True))]
 
 
 def scale_grad_samples(device, backend, dtype) -> list[Sample]:

@@ -46,27 +46,45 @@ def float_target(t: Tensor, logits: Tensor) -> Tensor:
     return t.to(accumulation_dtype(logits))
 
 
-def ce_dtypes(x2: Tensor, t2: Tensor, weight: Tensor | None, prob: bool):
-    """(logits, target, weight, result dtype) for cross_entropy.
+def ce_result_dtype(x_dtype: torch.dtype, device_type: str, t2: Tensor,
+                    weight: Tensor | None, prob: bool) -> torch.dtype:
+    """cross_entropy's result dtype for logits of `x_dtype` (torch's promotion and autocast).
 
-    Class-index targets: the result has the input's (autocast) dtype and the weight must have
-    it too, as torch requires. Probability targets: torch promotes input, target and weight
-    together; only a promotion to fp64 of non-fp64 logits costs a copy (torch makes it too).
+    Class-index targets: the input's (autocast) dtype, and the weight must have it too, as
+    torch requires. Probability targets: input, target and weight promoted together.
     """
-    dev = x2.device.type
-    x_dt = autocast_dtype(x2, dev)
-    w_dt = autocast_dtype(weight, dev)
+    x_dt = torch.float32 if (x_dtype in _LOW and torch.is_autocast_enabled(device_type)) \
+        else x_dtype
+    w_dt = autocast_dtype(weight, device_type)
     if not prob:
         if weight is not None and w_dt != x_dt:
             raise RuntimeError(f"expected scalar type {dtype_name(x_dt)} but found "
                                f"{dtype_name(w_dt)} (weight.dtype must match input)")
-        return x2, t2, side_tensor(weight, x2), x_dt
-    out = torch.promote_types(x_dt, autocast_dtype(t2, dev))
-    if w_dt is not None:
-        out = torch.promote_types(out, w_dt)
+        return x_dt
+    out = torch.promote_types(x_dt, autocast_dtype(t2, device_type))
+    return out if w_dt is None else torch.promote_types(out, w_dt)
+
+
+def ce_dtypes(x2: Tensor, t2: Tensor, weight: Tensor | None, prob: bool):
+    """(logits, target, weight, result dtype) for cross_entropy (`ce_result_dtype`); only a
+    promotion to fp64 of non-fp64 logits costs a copy (torch makes it too)."""
+    out = ce_result_dtype(x2.dtype, x2.device.type, t2, weight, prob)
+    if not prob:
+        return x2, t2, side_tensor(weight, x2), out
     if out == torch.float64 and x2.dtype != torch.float64:
         x2 = x2.to(torch.float64)
     return x2, float_target(t2, x2), side_tensor(weight, x2), out
+
+
+def autocast_linear(*tensors):
+    """Cast (input, weight, bias) as F.linear is cast under an enabled autocast: floating
+    tensors other than fp64 go to the autocast dtype (None stays None)."""
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
 
 
 def bce_dtypes(x2: Tensor, t2: Tensor):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as tF
 from torch import Tensor, nn
 
-from . import _backend
+from . import _backend, _promotion, _views
 from . import functional as F
 from . import reference as ref
 from ._reduction import mean_denominator
@@ -22,10 +22,15 @@ from .linear_chunks import default_chunk_rows
 
 
 def _check_linear(input, linear_weight, linear_bias):
-    """Shapes/dtypes/devices of the linear layer; returns (x2 (N, H), batch shape, C)."""
+    """Shapes/dtypes/devices of the linear layer, cast as F.linear is under autocast; returns
+    (x2 (N, H), linear_weight, linear_bias, batch shape, C)."""
     F._check_tensor("input", input)
     F._check_tensor("linear_weight", linear_weight)
+    if linear_bias is not None:
+        F._check_tensor("linear_bias", linear_bias)
     F._check_floating_input("input", input, "linear loss")
+    input, linear_weight, linear_bias = _promotion.autocast_linear(input, linear_weight,
+                                                                   linear_bias)
     if input.dim() == 0:
         raise ValueError("input must have a hidden dimension (the last), got a 0-d tensor")
     if linear_weight.dim() != 2:
@@ -42,7 +47,6 @@ def _check_linear(input, linear_weight, linear_bias):
     F._check_same_device("linear_weight", linear_weight, input)
     classes = linear_weight.shape[0]
     if linear_bias is not None:
-        F._check_tensor("linear_bias", linear_bias)
         if tuple(linear_bias.shape) != (classes,):
             raise RuntimeError(f"linear_bias must have shape ({classes},) (one value per class "
                                f"of linear_weight), got {list(linear_bias.shape)}")
@@ -50,7 +54,7 @@ def _check_linear(input, linear_weight, linear_bias):
             raise RuntimeError(f"linear_bias.dtype ({linear_bias.dtype}) must match "
                                f"input.dtype ({input.dtype})")
         F._check_same_device("linear_bias", linear_bias, input)
-    return input.reshape(-1, hidden), input.shape[:-1], classes
+    return input.reshape(-1, hidden), linear_weight, linear_bias, input.shape[:-1], classes
 
 
 def _chunk_rows(chunk_size, x2: Tensor, classes: int, buffers: int = 1) -> int:
@@ -76,7 +80,10 @@ def _ce_target(target, batch_shape, classes: int, ignore_index: int, dtype):
         if ignore_index != -100:
             raise RuntimeError("ignore_index is not supported for floating point target "
                                f"(ignore_index={ignore_index})")
-        return target.to(dtype).reshape(-1, classes), True
+        t2 = target.reshape(-1, classes)
+        # the ops read a probability target in the logits' or the accumulation dtype
+        return t2 if t2.dtype in (dtype, ref.compute_dtype(dtype)) else \
+            t2.to(ref.compute_dtype(dtype)), True
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError("expected target dtype to be Long or Byte (class indices) or "
                            f"floating point (probabilities), got {target.dtype} (target)")
@@ -117,31 +124,41 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     probabilities. Options as fusedloss.cross_entropy; chunk_size: rows per chunk (None: the
     rule in docs/linear.md). Returns the loss, or a CrossEntropyOutput with return_decoding.
     """
-    x2, batch_shape, classes = _check_linear(input, linear_weight, linear_bias)
+    x2, linear_weight, linear_bias, batch_shape, classes = _check_linear(
+        input, linear_weight, linear_bias)
     ls, s, cap = _ce_options(reduction, label_smoothing, lse_square_scale, softcap)
     b = _backend.get(backend, input.device)
     F._check_same_device("target", target, input)
-    t2, prob = _ce_target(target, batch_shape, classes, int(ignore_index), input.dtype)
-    F._check_class_weight(weight, linear_weight.t())  # .t(): (H, C), classes last as it wants
+    t2, prob = _ce_target(target, batch_shape, classes, int(ignore_index), x2.dtype)
+    _views.check_class_weight(weight, linear_weight.t())  # .t(): (H, C), classes last
+    out_dtype = _promotion.ce_result_dtype(x2.dtype, x2.device.type, target, weight, prob)
     chunk = _chunk_rows(chunk_size, x2, classes)
-    if b.name == "torch":
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled() and not prob:
+        raise RuntimeError("cross_entropy is not differentiable with respect to argument "
+                           "'weight' for class-index targets (as in torch): weight cannot "
+                           "have requires_grad=True; detach it")
+    # A class weight that needs its gradient (probability targets) takes the reference path:
+    # the chunked ops compute no gradient for it, and autograd would silently give none.
+    if b.name == "torch" or (weight is not None and weight.requires_grad
+                             and torch.is_grad_enabled()):
         logits = tF.linear(x2, linear_weight, linear_bias)
-        res = F.cross_entropy(logits, t2, weight, ignore_index=ignore_index,
-                              reduction=reduction, label_smoothing=ls, backend="torch",
+        res = F.cross_entropy(logits, target.reshape(-1, classes) if prob else t2, weight,
+                              ignore_index=ignore_index,
+                              reduction=reduction, label_smoothing=ls, backend=b.name,
                               lse_square_scale=s, softcap=softcap,
                               return_decoding=return_decoding)
         loss, pred, conf = (res, None, None) if not return_decoding else res[:3]
     else:
-        acc = ref.compute_dtype(input.dtype)
+        acc = ref.compute_dtype(x2.dtype)
         grad_scale = _ce_mean_scale(t2, weight, prob, ignore_index, classes, acc) \
             if reduction == "mean" else None
         on = torch.is_grad_enabled()
         loss, pred, conf = LinearCrossEntropyFunction.apply(
             x2, linear_weight, linear_bias, t2, None if weight is None else weight.to(acc),
             grad_scale, b.name, int(ignore_index), ls, s, cap, chunk, reduction,
-            on and input.requires_grad, on and linear_weight.requires_grad,
+            on and x2.requires_grad, on and linear_weight.requires_grad,
             on and linear_bias is not None and linear_bias.requires_grad,
-            on and prob and target.requires_grad, bool(return_decoding))
+            on and prob and target.requires_grad, bool(return_decoding), out_dtype)
     if reduction == "none":
         loss = loss.reshape(batch_shape)
     if not return_decoding:
@@ -160,12 +177,16 @@ def _bce_target(target, out_shape, dtype):
     if tuple(target.shape) != tuple(out_shape):
         raise ValueError(f"target must have shape input.shape[:-1] + (classes,) = "
                          f"{list(out_shape)}, got {list(target.shape)}")
+    acc = ref.compute_dtype(dtype)
     if target.dtype in (torch.bool, torch.uint8):
         t, out_dtype = target, dtype
-    elif target.is_floating_point():
-        t, out_dtype = target.to(dtype), target.dtype
+    elif target.is_floating_point():  # read in the logits' or the accumulation dtype
+        t, out_dtype = target if target.dtype in (dtype, acc) else target.to(acc), target.dtype
     else:
         raise RuntimeError(f"target must be floating point, bool or uint8, got {target.dtype}")
+    if out_dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+            target.device.type):
+        out_dtype = torch.float32  # autocast runs the loss in fp32, as torch's does
     classes = out_shape[-1]
     return F._rows(t.reshape(-1, classes)), out_dtype
 
@@ -184,13 +205,14 @@ def linear_binary_cross_entropy_with_logits(
     the multi-hot labels `logits > logit(threshold)`; return_counts the (3, L) [TP, FP, FN]
     per label. With either, the result is a BCEOutput (probs is None), else the loss.
     """
-    x2, batch_shape, classes = _check_linear(input, linear_weight, linear_bias)
+    x2, linear_weight, linear_bias, batch_shape, classes = _check_linear(
+        input, linear_weight, linear_bias)
     F._check_reduction(reduction)
     b = _backend.get(backend, input.device)
     F._check_same_device("target", target, input)
     out_shape = (*batch_shape, classes)
-    t2, out_dtype = _bce_target(target, out_shape, input.dtype)
-    like = input.new_empty(()).expand(out_shape)  # shape/dtype/device only, no memory
+    t2, out_dtype = _bce_target(target, out_shape, x2.dtype)
+    like = x2.new_empty(()).expand(out_shape)  # shape/dtype/device only, no memory
     w2 = F._broadcast_view("weight", weight, like, like.reshape(-1, classes))
     pw2 = F._broadcast_view("pos_weight", pos_weight, like, like.reshape(-1, classes))
     thr = F._logit_threshold(threshold, logit_threshold, classes, input.device)
@@ -204,7 +226,7 @@ def linear_binary_cross_entropy_with_logits(
             backend="torch", threshold=threshold, logit_threshold=logit_threshold,
             return_counts=return_counts)
         return res
-    acc = ref.compute_dtype(input.dtype)
+    acc = ref.compute_dtype(x2.dtype)
     grad_scale = None
     if reduction == "mean":
         n = x2.shape[0] * classes
@@ -213,7 +235,7 @@ def linear_binary_cross_entropy_with_logits(
     on = torch.is_grad_enabled()
     loss, labels, counts = LinearBCEFunction.apply(
         x2, linear_weight, linear_bias, t2, w2, pw2, grad_scale, thr, b.name, chunk, reduction,
-        on and input.requires_grad, on and linear_weight.requires_grad,
+        on and x2.requires_grad, on and linear_weight.requires_grad,
         on and linear_bias is not None and linear_bias.requires_grad,
         on and target.is_floating_point() and target.requires_grad, bool(return_counts))
     if reduction == "none":

@@ -166,7 +166,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, x, w, b, target, weight, grad_scale, backend: str, ignore_index: int,
                 label_smoothing: float, lse_square_scale: float, softcap: float, chunk: int,
                 reduction: str, need_x: bool, need_w: bool, need_b: bool, need_t: bool,
-                decode: bool):
+                decode: bool, out_dtype: torch.dtype):
         ctx.opts = (backend, ignore_index, label_smoothing, lse_square_scale, softcap, chunk)
         ctx.reduction = reduction
         ctx.needs = (need_x, need_w, need_b, need_t)
@@ -183,7 +183,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:  # mean: grad_scale holds 1/denominator on the device
             out = loss.sum() * grad_scale
         ctx.mark_non_differentiable(pred, conf)
-        return out.to(x.dtype), pred, conf
+        return out.to(out_dtype), pred, conf
 
     @staticmethod
     def backward(ctx, grad_out, _gpred, _gconf):
@@ -205,4 +205,4 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads = tuple(g if n else None for g, n in zip(grads, ctx.needs, strict=True))
             _scale_(_backend.get(ctx.opts[0], x.device).ops, grads, grad_out)
         gx, gw, gb, gt = (g if n else None for g, n in zip(grads, ctx.needs, strict=True))
-        return (gx, gw, gb, gt) + (None,) * 14
+        return (gx, gw, gb, gt) + (None,) * 15
