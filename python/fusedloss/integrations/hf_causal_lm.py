@@ -72,15 +72,6 @@ def lm_head_input(model, state: WrapState, args: tuple, kwargs: dict):
     return record.inputs[0], out
 
 
-def _autocast_cast(*tensors):
-    """Cast as F.linear would under an enabled autocast (the loss then runs in that dtype)."""
-    dev = tensors[0].device.type
-    if not torch.is_autocast_enabled(dev):
-        return tensors
-    dtype = torch.get_autocast_dtype(dev)
-    return tuple(None if t is None else t.to(dtype) for t in tensors)
-
-
 def linear_causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor, *,
                           softcap: float | None = None, num_items_in_batch=None,
                           ignore_index: int = -100, shift_labels: torch.Tensor | None = None,
@@ -89,11 +80,11 @@ def linear_causal_lm_loss(hidden: torch.Tensor, head: nn.Linear, labels: torch.T
     target = shift_causal_labels(labels, ignore_index, shift_labels)
     h = hidden.reshape(-1, hidden.shape[-1])
     target = target.reshape(-1).to(h.device)
-    h, w, b = _autocast_cast(h, head.weight, head.bias)
     reduction = "sum" if num_items_in_batch is not None else "mean"
+    # under autocast, linear_cross_entropy casts h, W, b as nn.Linear would
     loss = fusedloss.linear_cross_entropy(
-        h, w, target, linear_bias=b, reduction=reduction, ignore_index=ignore_index,
-        softcap=softcap, backend=backend)
+        h, head.weight, target, linear_bias=head.bias, reduction=reduction,
+        ignore_index=ignore_index, softcap=softcap, backend=backend)
     if reduction == "sum":
         loss = divide_by_items(loss, num_items_in_batch)
     return loss
