@@ -17,11 +17,12 @@ import torch
 import fusedloss
 from fusedloss import _backend
 from fusedloss import reference as ref
+from op_cases import tol
 
 F64 = torch.float64
 NAN, INF = float("nan"), float("inf")
-ROW = dict(atol=2e-6, rtol=2e-6)  # fp32 per-row values (loss, lse, confidence) vs fp64
-GRAD = dict(atol=1e-6, rtol=1e-5)  # fp32 gradients vs fp64
+ROW = tol(torch.float32, "row")    # fp32 per-row values (loss, lse, confidence) vs fp64
+GRAD = tol(torch.float32, "elem")  # fp32 gradients vs fp64
 
 
 def _pairs():
