@@ -184,7 +184,7 @@ def run_thp_children(argv: list[str], settings: list[str]) -> tuple[list[dict], 
 
 # Profiles that measure whole training steps rather than one loss op live in their own modules
 # (each exposes main(argv) -> int); run.py hands them the remaining arguments.
-EXTERNAL_PROFILES = {"linear": "bench_linear", "hf": "bench_hf"}
+EXTERNAL_PROFILES = {"linear": "bench_linear", "hf": "bench_hf", "hist": "bench_hist"}
 
 
 def _external_profile(argv: list[str]) -> int | None:

@@ -145,5 +145,32 @@ inline void check_count(const char* op, bool count, bool has_threshold) {
   TORCH_CHECK_VALUE(!count || has_threshold, op, ": count=True needs a threshold, got None");
 }
 
+// sigmoid_bce_fwd: the threshold histogram, both given or neither; edges (B + 1,) float32
+// contiguous, counts (2, C, B + 2) int64 contiguous, both on the logits' device. The edges'
+// order is not checked (that would read them; ThresholdHistogram builds them increasing).
+inline void check_histogram(const char* op, const std::optional<at::Tensor>& edges,
+                            const std::optional<at::Tensor>& counts, const at::Tensor& logits) {
+  const bool has_e = edges.has_value() && edges->defined();
+  const bool has_c = counts.has_value() && counts->defined();
+  TORCH_CHECK_VALUE(has_e == has_c, op, ": hist_counts and hist_edges must be given together, got ",
+                    has_c ? "hist_counts" : "hist_edges", " alone");
+  if (!has_e) return;
+  const at::Tensor& e = *edges;
+  const at::Tensor& c = *counts;
+  check_same_device(op, "hist_edges", e, logits);
+  TORCH_CHECK(e.dim() == 1 && e.size(0) >= 1 && e.stride(0) == 1, op,
+              ": hist_edges must be a non-empty contiguous 1-D tensor, got shape ", e.sizes(),
+              " and strides ", e.strides());
+  TORCH_CHECK(e.scalar_type() == at::kFloat, op, ": hist_edges must be float32, got ",
+              e.scalar_type());
+  check_same_device(op, "hist_counts", c, logits);
+  TORCH_CHECK(c.scalar_type() == at::kLong, op, ": hist_counts must be int64, got ",
+              c.scalar_type());
+  TORCH_CHECK(c.dim() == 3 && c.size(0) == 2 && c.size(1) == logits.size(1) &&
+                  c.size(2) == e.size(0) + 1 && c.is_contiguous(),
+              op, ": hist_counts must be a contiguous (2, ", logits.size(1), ", ", e.size(0) + 1,
+              ") tensor, got shape ", c.sizes(), " and strides ", c.strides());
+}
+
 }  // namespace checks
 }  // namespace fusedloss

@@ -32,7 +32,8 @@ TORCH_LIBRARY(fusedloss, m) {
   m.def(
       "sigmoid_bce_fwd(Tensor logits, Tensor target, Tensor? weight, Tensor? pos_weight, "
       "Tensor? grad_scale, Tensor? threshold, bool reduce_rows, bool compute_grad, "
-      "bool return_probs, bool count) "
+      "bool return_probs, bool count, Tensor? hist_edges=None, "
+      "Tensor(a!)? hist_counts=None) "
       "-> (Tensor loss, Tensor grad, Tensor labels, Tensor probs, Tensor counts)");
   // Backward for reduction='none': grad_loss is (R, C).
   m.def(

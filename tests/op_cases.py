@@ -116,7 +116,7 @@ class Sample:
 
     @property
     def arg(self) -> dict:
-        return dict(zip(_contract.OPS[self.op].arg_names, self.args, strict=True))
+        return _contract.OPS[self.op].bind(self.args)
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -1,6 +1,6 @@
 """Sigmoid binary cross-entropy with logits in Triton: forward (+ gradient, labels, probs,
-confusion counts), backward, decoding. Semantics: docs/OPS.md `sigmoid_bce_fwd`,
-`sigmoid_bce_bwd`, `sigmoid_decode`.
+confusion counts, threshold histogram), backward, decoding. Semantics: docs/OPS.md
+`sigmoid_bce_fwd`, `sigmoid_bce_bwd`, `sigmoid_decode`.
 
 Math, elementwise with x the logit, y the target, p = pos_weight (1 if absent), w = weight:
     loss = w ((1 - y) x + (1 + (p - 1) y) softplus(-x)),
@@ -21,6 +21,15 @@ Row sums (reduce_rows) are written per column tile as (tiles, R) partials (fp64 
 logits) that the launcher sums in a fixed order: deterministic, no float atomics. Confusion
 counts are added with one integer atomic per class per program (deterministic).
 
+Threshold histogram (HIST): each logit x of class c with target y is added to
+hist[y > 0.5, c, b], b = the number of edges strictly below x (x compared in ACC against the
+float32 edges), with one int64 atomic per element (integer sums: deterministic); NaN logits
+are left out. b is first guessed as ceil((x - e_0) B / (e_B - e_0)), right for equal-width
+edges up to rounding (a logit equal to an edge gives that edge's index, its bin); the edges
+e_{g-1} and e_g either confirm the guess g or bracket b on one side of it, and a binary search
+over the bracket, run while any lane of the tile is unresolved, finishes. The result is exact
+for any increasing edges; the search only costs time where a guess was wrong.
+
 Targets: the logits' float dtype or the accumulation dtype (autocast: fp32 targets with bf16
 logits; the elementwise loss is then stored in the accumulation dtype, promote(logits, target)),
 or bool / uint8 read as bytes (a bool tensor is viewed as uint8: no conversion copy). weight,
@@ -30,7 +39,8 @@ dtype (another float dtype is converted by the launcher on its compact, un-broad
 
 Compile-time switches (one compiled specialisation each, all compiled by
 scripts/triton_aot_check.py): TARGET (0 none / 1 float / 2 bytes: pointer types), LOSS (0 none
-/ 1 elementwise / 2 row sums), GRAD, COLS_CONTIG (all operands have column stride 1), ACC.
+/ 1 elementwise / 2 row sums), GRAD, COLS_CONTIG (all operands have column stride 1), ACC,
+HIST (threshold histogram; without it the kernel has no histogram code).
 Runtime switches (uniform branches): weight, pos_weight, grad scale (none / scalar /
 elementwise), labels, probs, counts.
 """
@@ -64,7 +74,7 @@ from ._common import (
 # divisibility by 16 is what lets the masked loads vectorise (they are only used in address
 # arithmetic and masks, where a constant 1 compiles too).
 _NO_SPECIALIZE = ["has_w", "has_pw", "has_scale", "labels", "probs", "count",
-                  "sy_c", "sw_c", "sp_c", "sg_c"]
+                  "sy_c", "sw_c", "sp_c", "sg_c", "n_edges"]
 
 
 @triton.jit
@@ -76,7 +86,55 @@ def _offsets(r2, c2, s_r, s_c, COLS_CONTIG: tl.constexpr):
     return r2 * s_r + c2.to(tl.int64) * s_c
 
 
-# Longer than the other functions (~85 lines) on purpose: one loop over the program's row tiles
+@triton.jit
+def _histogram_scale(edges_ptr, n_edges, ACC: tl.constexpr):
+    """(e_0, B / (e_B - e_0)) in ACC for the bin guess; the scale is 0 for a single edge, where
+    every guess is 0 and the checks decide."""
+    e0 = tl.load(edges_ptr).to(ACC)
+    span = tl.load(edges_ptr + (n_edges - 1)).to(ACC) - e0
+    scale = tl.where(span > 0, (n_edges - 1) / tl.where(span > 0, span, 1.0), 0.0)
+    return e0, scale.to(ACC)
+
+
+@triton.jit
+def _histogram_bin(x, valid, edges_ptr, n_edges, e0, scale):
+    """The bin of each valid logit, the number of edges strictly below it (0 elsewhere): the
+    equal-width guess g, checked against e_{g-1} and e_g, then a binary search over what those
+    left open (see the module docstring)."""
+    t = tl.ceil((x - e0) * scale)
+    t = tl.where(t == t, tl.minimum(tl.maximum(t, 0.0), n_edges + 0.0), 0.0)  # NaN: guess 0
+    g = t.to(tl.int32)
+    lo = tl.zeros(x.shape, tl.int32)
+    hi = tl.where(valid, n_edges, 0)
+    check = valid & (g > 0)  # e_{g-1} < x: b >= g, else b < g
+    below = tl.load(edges_ptr + (g - 1), mask=check, other=0.0).to(x.dtype) < x
+    lo = tl.where(check & below, g, lo)
+    hi = tl.where(check & ~below, g - 1, hi)
+    check = valid & (g < n_edges)  # e_g < x: b > g, else b <= g
+    below = tl.load(edges_ptr + g, mask=check, other=0.0).to(x.dtype) < x
+    lo = tl.where(check & below, g + 1, lo)
+    hi = tl.where(check & ~below, tl.minimum(hi, g), hi)
+    while tl.max(hi - lo) > 0:  # no iteration when every guess was right
+        active = lo < hi
+        mid = (lo + hi) // 2
+        below = tl.load(edges_ptr + mid, mask=active, other=0.0).to(x.dtype) < x
+        lo = tl.where(active & below, mid + 1, lo)
+        hi = tl.where(active & ~below, mid, hi)
+    return lo
+
+
+@triton.jit
+def _histogram_add(x, y, mask, c2, C, edges_ptr, hist_ptr, n_edges, e0, scale):
+    """Adds a tile to the (2, C, B + 2) int64 histogram, one integer atomic per counted element
+    (order-independent sums); NaN logits are left out."""
+    valid = mask & (x == x)
+    b = _histogram_bin(x, valid, edges_ptr, n_edges, e0, scale)
+    pos = (y > 0.5).to(tl.int64)
+    cell = (pos * C + c2.to(tl.int64)) * (n_edges + 1) + b
+    tl.atomic_add(hist_ptr + cell, tl.full(x.shape, 1, tl.int64), mask=valid, sem="relaxed")
+
+
+# Longer than the other functions (~95 lines) on purpose: one loop over the program's row tiles
 # produces every output of a tile from operands loaded once, and the per-class TP/FP/FN
 # counters it carries across tiles are loop state; split into helpers, the counters and the
 # loaded operands would have to cross function boundaries as tuples each iteration.
@@ -92,10 +150,11 @@ def _sigmoid_bce_kernel(
     grad_ptr,                    # (R, C) contiguous (GRAD)
     labels_ptr, probs_ptr,       # (R, C) uint8 / logits dtype, contiguous
     counts_ptr,                  # (3, C) int64, zero-initialised: TP, FP, FN
-    R, C, rows_per_prog,
+    edges_ptr, hist_ptr,         # (HIST) (B + 1,) float32 edges, (2, C, B + 2) int64 counts
+    R, C, rows_per_prog, n_edges,
     has_w, has_pw, has_scale, labels, probs, count,
     TARGET: tl.constexpr, LOSS: tl.constexpr, GRAD: tl.constexpr, COLS_CONTIG: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HIST: tl.constexpr,
 ):
     # Program (i, j): rows [i * rows_per_prog, ...) of column tile j, in BLOCK_R-row steps.
     tile = tl.program_id(1)
@@ -113,6 +172,8 @@ def _sigmoid_bce_kernel(
     tp = tl.zeros([BLOCK_C], tl.int32)
     fp = tl.zeros([BLOCK_C], tl.int32)
     fn = tl.zeros([BLOCK_C], tl.int32)
+    if HIST:
+        h_e0, h_scale = _histogram_scale(edges_ptr, n_edges, ACC)
     for r_start in range(row0, row_end, BLOCK_R):
         rows = r_start + tl.arange(0, BLOCK_R).to(tl.int64)
         row_ok = rows < row_end
@@ -148,6 +209,8 @@ def _sigmoid_bce_kernel(
                     dx = dx * tl.load(g_ptr + _offsets(r2, c2, sg_r, sg_c, COLS_CONTIG),
                                       mask=mask, other=0.0).to(ACC)
                 tl.store(grad_ptr + out, dx.to(grad_ptr.dtype.element_ty), mask=mask)
+            if HIST:
+                _histogram_add(x, y, mask, c2, C, edges_ptr, hist_ptr, n_edges, h_e0, h_scale)
         if probs != 0:
             tl.store(probs_ptr + out, sig.to(probs_ptr.dtype.element_ty), mask=mask)
         if labels != 0:
@@ -197,11 +260,11 @@ def _to_acc(t, logits):
     return compact.to(acc).expand(t.shape)
 
 
-def _constexprs(dtype, target_kind, loss_mode, grad, cols_contig, block_r, block_c):
+def _constexprs(dtype, target_kind, loss_mode, grad, cols_contig, block_r, block_c, hist=False):
     """The compile-time switches of one launch; `specialisations()` enumerates the same."""
     return dict(TARGET=target_kind, LOSS=loss_mode, GRAD=bool(grad),
                 COLS_CONTIG=bool(cols_contig), ACC=acc_dtype(dtype), BLOCK_R=block_r,
-                BLOCK_C=block_c)
+                BLOCK_C=block_c, HIST=bool(hist))
 
 
 def _pointer_types(dtype, target_kind, loss_mode, scale_dtype, target_dtype=None):
@@ -211,11 +274,13 @@ def _pointer_types(dtype, target_kind, loss_mode, scale_dtype, target_dtype=None
     loss_type = (y_type if target_kind == 1 else dtype) if loss_mode == 1 else acc
     return dict(x_ptr=dtype, y_ptr=y_type, w_ptr=acc, pw_ptr=acc, g_ptr=scale_dtype,
                 thr_ptr=acc, loss_ptr=loss_type, grad_ptr=dtype, labels_ptr=torch.uint8,
-                probs_ptr=dtype, counts_ptr=torch.int64)
+                probs_ptr=dtype, counts_ptr=torch.int64, edges_ptr=torch.float32,
+                hist_ptr=torch.int64)
 
 
 def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, labels, probs,
-            counts, *, loss_mode, tile=None):
+            counts, *, loss_mode, tile=None, hist=None):
+    """One kernel launch; `hist`: (edges, counts) of the threshold histogram, or None."""
     rows, classes = logits.shape
     if rows == 0 or classes == 0:
         return None
@@ -245,6 +310,7 @@ def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, la
     def strides(t):
         return (t.stride(0), t.stride(1)) if t is not None and t.dim() == 2 else (0, 0)
 
+    edges, hist_counts = hist if hist is not None else (None, None)
     _sigmoid_bce_kernel[grid](
         logits, logits.stride(0),
         ptr(target, "y_ptr"), *strides(target),
@@ -257,12 +323,13 @@ def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, la
         ptr(labels.view(torch.uint8) if labels is not None else None, "labels_ptr"),
         ptr(probs, "probs_ptr"),
         ptr(counts, "counts_ptr"),
-        rows, classes, rows_per_prog,
+        ptr(edges, "edges_ptr"), ptr(hist_counts, "hist_ptr"),
+        rows, classes, rows_per_prog, 0 if edges is None else edges.shape[0],
         int(weight is not None), int(pos_weight is not None),
         0 if scale is None else (2 if elementwise_scale else 1),
         int(labels is not None), int(probs is not None), int(counts is not None),
         **_constexprs(logits.dtype, kind, loss_mode, grad is not None, cols_contig, block_r,
-                      block_c),
+                      block_c, edges is not None),
         num_warps=warps,
     )
     return loss if loss_mode == 2 else None
@@ -275,13 +342,14 @@ def specialisations():
         acc = acc_torch(dtype)
         both = sorted({dtype, acc}, key=str)  # float targets / grad_loss: logits' or acc dtype
         targets = [(1, y) for y in both] + [(2, None)]
-        modes = [(kind, y, loss, grad, acc) for kind, y in targets for loss in (1, 2)
-                 for grad in (False, True)]                                   # forward
-        modes += [(kind, y, 0, True, g) for kind, y in targets for g in both]  # backward
-        modes.append((0, None, 0, False, acc))                                # decode
-        for kind, y, loss, grad, scale_dtype in modes:
+        modes = [(kind, y, loss, grad, acc, hist) for kind, y in targets for loss in (1, 2)
+                 for grad in (False, True) for hist in (False, True)]              # forward
+        modes += [(kind, y, 0, True, g, False) for kind, y in targets for g in both]  # backward
+        modes.append((0, None, 0, False, acc, False))                              # decode
+        for kind, y, loss, grad, scale_dtype, hist in modes:
             for contiguous in (False, True):
-                switches = _constexprs(dtype, kind, loss, grad, contiguous, block_r, block_c)
+                switches = _constexprs(dtype, kind, loss, grad, contiguous, block_r, block_c,
+                                       hist)
                 types = _pointer_types(dtype, kind, loss, scale_dtype, y)
                 yield (_sigmoid_bce_kernel,
                        signature(_sigmoid_bce_kernel, types, {}, switches), switches, BCE_WARPS)
@@ -297,7 +365,8 @@ def _like(logits, dtype=None):
 
 
 def sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold, reduce_rows,
-                    compute_grad, return_probs, count, *, tile=None):
+                    compute_grad, return_probs, count, hist_edges=None, hist_counts=None, *,
+                    tile=None):
     rows, classes = logits.shape
     weight, pos_weight = _to_acc(weight, logits), _to_acc(pos_weight, logits)
     thr = _thresholds(threshold, logits)
@@ -312,7 +381,8 @@ def sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold, r
     scale = None if grad_scale is None else grad_scale.to(acc_torch(logits.dtype))
     with on_device(logits):
         partial = _launch(logits, target, weight, pos_weight, scale, thr, loss, grad, labels,
-                          probs, counts, loss_mode=2 if reduce_rows else 1, tile=tile)
+                          probs, counts, loss_mode=2 if reduce_rows else 1, tile=tile,
+                          hist=None if hist_edges is None else (hist_edges, hist_counts))
     if partial is not None:
         loss = partial.sum(0) if partial.shape[0] > 1 else partial[0]
     return (loss,

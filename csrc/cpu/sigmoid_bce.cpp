@@ -13,7 +13,9 @@
 // (expanded (C,) or (R, 1) tensors have stride 0): no conversion copy of any (R, C) operand.
 // Labels compare in logit space, x > threshold[c] (strict: a logit at the threshold is negative);
 // counts (TP, FP, FN per class, target positive when y > 0.5) are summed in per-chunk int64
-// partials, then added: integer sums, so the result does not depend on the thread count.
+// partials, then added: integer sums, so the result does not depend on the thread count. The
+// optional threshold histogram is binned in the same pass (cpu/bce_hist.h).
+#include "cpu/bce_hist.h"
 #include "cpu/common.h"
 #include "op_checks.h"
 
@@ -57,6 +59,15 @@ struct BceJob {
   void* grad_out = nullptr;       // scalar_t, (R, C) contiguous
   void* probs_out = nullptr;      // scalar_t, (R, C) contiguous
   bool* labels_out = nullptr;     // (R, C) contiguous
+  const float* hist_edges = nullptr;  // (B + 1,) float32: the histogram is asked for
+  int64_t hist_n_edges = 0;
+};
+
+// Where a task of rows writes: its (3, C) counts and (2, C, B + 2) histogram (null: not asked).
+struct BceSinks {
+  int64_t* cnt = nullptr;
+  int64_t* hist = nullptr;
+  bool hist_atomic = false;
 };
 
 struct BceBuffers {
@@ -132,50 +143,94 @@ void label_block(const BceJob& j, const BceBlock<acc>& b, int64_t c0, int64_t C,
   }
 }
 
-// Rows [r0, r1); `cnt` is this chunk's (3, C) partial counts or null.
+// Classes per column block while histogramming: their tables ((2, B + 2) int64 each) fit in
+// 512 KiB, within a core's L2, so the increments of every row hit cache. A power of two in
+// [16, kBlock]: a multiple of every vector width, so each row sum adds the same vectors in the
+// same order as with kBlock columns (bitwise the same loss with and without the histogram).
+inline int64_t hist_cols(int64_t n_edges) {
+  const int64_t per_class = 2 * (n_edges + 1) * int64_t(sizeof(int64_t));
+  int64_t bc = 16;
+  while (bc * 2 <= kBlock && bc * 2 * per_class <= (int64_t(512) << 10)) bc *= 2;
+  return bc;
+}
+
+// Rows [r0, r1), into this task's sinks. Without a histogram row by row; with one, column
+// block by column block (hist_cols), each over all the rows, the row sums kept per row.
 template <typename scalar_t>
-void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, int64_t* cnt) {
+void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, const BceSinks& out) {
   using acc = acc_type<scalar_t>;
+  using Vec = Vectorized<acc>;
   BceBuffers::Of<acc> buf;
-  const bool need_y = j.loss_rows || j.loss_elem || j.grad || j.count;
+  const HistBinner<acc> binner(j.hist_edges, j.hist_n_edges);
+  const bool need_y = j.loss_rows || j.loss_elem || j.grad || j.count || out.hist != nullptr;
   const bool elementwise = j.loss_rows || j.loss_elem || j.grad || j.probs;
-  for (int64_t r = r0; r < r1; ++r) {
-    Vectorized<acc> row_sum(0);
-    for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-      BceBlock<acc> b;
-      b.n = std::min(kBlock, C - c0);
-      b.out = r * C + c0;
-      b.x = j.x.block<acc>(r, c0, b.n, buf.x.data());
-      if (need_y) b.y = j.y.block<acc>(r, c0, b.n, buf.y.data());
-      if (j.w.defined()) b.w = j.w.block<acc>(r, c0, b.n, buf.w.data());
-      if (j.pw.defined()) b.pw = j.pw.block<acc>(r, c0, b.n, buf.pw.data());
-      if (j.gl.defined()) b.gl = j.gl.block<acc>(r, c0, b.n, buf.gl.data());
-      if (elementwise) bce_block<scalar_t>(j, b, row_sum);
-      if (j.labels) label_block<acc>(j, b, c0, C, cnt);
+  auto block = [&](int64_t r, int64_t c0, int64_t n, Vec& row_sum) {
+    BceBlock<acc> b;
+    b.n = n;
+    b.out = r * C + c0;
+    b.x = j.x.block<acc>(r, c0, b.n, buf.x.data());
+    if (need_y) b.y = j.y.block<acc>(r, c0, b.n, buf.y.data());
+    if (j.w.defined()) b.w = j.w.block<acc>(r, c0, b.n, buf.w.data());
+    if (j.pw.defined()) b.pw = j.pw.block<acc>(r, c0, b.n, buf.pw.data());
+    if (j.gl.defined()) b.gl = j.gl.block<acc>(r, c0, b.n, buf.gl.data());
+    if (elementwise) bce_block<scalar_t>(j, b, row_sum);
+    if (j.labels) label_block<acc>(j, b, c0, C, out.cnt);
+    if (out.hist != nullptr) hist_block<acc>(binner, b.x, b.y, b.n, c0, C, out.hist,
+                                              out.hist_atomic);
+  };
+  if (out.hist == nullptr) {
+    for (int64_t r = r0; r < r1; ++r) {
+      Vec row_sum(0);
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) block(r, c0, std::min(kBlock, C - c0), row_sum);
+      if (j.loss_rows) static_cast<acc*>(j.loss_rows_out)[r] = hsum(row_sum);
     }
-    if (j.loss_rows) static_cast<acc*>(j.loss_rows_out)[r] = hsum(row_sum);
+    return;
+  }
+  const int64_t bc = hist_cols(j.hist_n_edges);
+  std::vector<Vec> sums(j.loss_rows ? r1 - r0 : 0, Vec(0));
+  Vec unused(0);
+  for (int64_t c0 = 0; c0 < C; c0 += bc) {
+    for (int64_t r = r0; r < r1; ++r) {
+      block(r, c0, std::min(bc, C - c0), j.loss_rows ? sums[r - r0] : unused);
+    }
+  }
+  for (int64_t r = r0; j.loss_rows && r < r1; ++r) {
+    static_cast<acc*>(j.loss_rows_out)[r] = hsum(sums[r - r0]);
   }
 }
 
-// Runs the job over all rows; returns the (3, C) counts when j.count.
+// Runs the job over all rows; returns the (3, C) counts when j.count, and adds the histogram
+// into `hist` when j.hist_edges is set.
 template <typename scalar_t>
-Tensor run(const BceJob& j, int64_t R, int64_t C, const at::TensorOptions& opts) {
-  if (!j.count) {
+Tensor run(const BceJob& j, int64_t R, int64_t C, const at::TensorOptions& opts,
+           const Tensor& hist = Tensor()) {
+  if (!j.count && j.hist_edges == nullptr) {
     at::parallel_for(0, R, row_grain(C),
-                     [&](int64_t r0, int64_t r1) { bce_rows<scalar_t>(j, C, r0, r1, nullptr); });
+                     [&](int64_t r0, int64_t r1) { bce_rows<scalar_t>(j, C, r0, r1, {}); });
     return Tensor();
   }
-  // Fixed chunks, one (3, C) partial each; the sum over chunks is exact (integers).
+  // Fixed chunks, one (3, C) partial and one histogram table each (the first chunk's table is
+  // the output); the sums over chunks are exact (integers).
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(R, at::get_num_threads()));
   const int64_t per = R == 0 ? 0 : (R + chunks - 1) / chunks;
-  Tensor partial = at::zeros({chunks, 3, C}, opts.dtype(at::kLong));
-  int64_t* pp = partial.data_ptr<int64_t>();
+  Tensor partial = at::zeros({j.count ? chunks : 0, 3, C}, opts.dtype(at::kLong));
+  const int64_t table = j.hist_edges == nullptr ? 0 : hist.numel();
+  const bool atomic = (chunks - 1) * table * int64_t(sizeof(int64_t)) > kPrivateBudget;
+  Tensor tables = at::zeros({atomic || table == 0 ? 0 : chunks - 1, table}, opts.dtype(at::kLong));
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      bce_rows<scalar_t>(j, C, std::min(R, k * per), std::min(R, (k + 1) * per), pp + k * 3 * C);
+      BceSinks out;
+      if (j.count) out.cnt = partial.data_ptr<int64_t>() + k * 3 * C;
+      if (table > 0) {
+        out.hist = k == 0 || atomic ? hist.data_ptr<int64_t>()
+                                    : tables.data_ptr<int64_t>() + (k - 1) * table;
+        out.hist_atomic = atomic && chunks > 1;
+      }
+      bce_rows<scalar_t>(j, C, std::min(R, k * per), std::min(R, (k + 1) * per), out);
     }
   });
-  return partial.sum(0);
+  if (tables.size(0) > 0) hist.view({-1}).add_(tables.sum(0));
+  return j.count ? partial.sum(0) : Tensor();
 }
 
 at::ScalarType acc_dtype_of(const Tensor& logits) {
@@ -186,7 +241,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_bce_fwd_cpu(
     const Tensor& logits, const Tensor& target, const std::optional<Tensor>& weight,
     const std::optional<Tensor>& pos_weight, const std::optional<Tensor>& grad_scale,
     const std::optional<Tensor>& threshold, bool reduce_rows, bool compute_grad,
-    bool return_probs, bool count) {
+    bool return_probs, bool count, const std::optional<Tensor>& hist_edges,
+    const std::optional<Tensor>& hist_counts) {
   const char* op = "sigmoid_bce_fwd";
   checks::check_logits(op, logits, /*unit_col_stride=*/false);
   const int64_t R = logits.size(0), C = logits.size(1);
@@ -206,6 +262,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_bce_fwd_cpu(
   j.g = read_grad_scale(op, grad_scale, logits);
   const bool has_thr = threshold.has_value() && threshold->defined();
   checks::check_count(op, count, has_thr);
+  checks::check_histogram(op, hist_edges, hist_counts, logits);
+  Tensor hist;
+  if (hist_edges.has_value() && hist_edges->defined()) {
+    j.hist_edges = hist_edges->data_ptr<float>();
+    j.hist_n_edges = hist_edges->size(0);
+    hist = *hist_counts;
+  }
   Tensor thr;
   if (has_thr) {
     thr = class_vector(op, "threshold", *threshold, logits);
@@ -234,7 +297,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sigmoid_bce_fwd_cpu(
   if (has_thr) j.labels_out = labels.data_ptr<bool>();
   Tensor counts;
   FUSEDLOSS_DISPATCH_FLOATING(logits.scalar_type(), "sigmoid_bce_fwd",
-                              [&] { counts = run<scalar_t>(j, R, C, o); });
+                              [&] { counts = run<scalar_t>(j, R, C, o, hist); });
   if (!count) counts = at::empty({0}, o.dtype(at::kLong));
   return {loss, grad, labels, probs, counts};
 }

@@ -55,6 +55,9 @@ struct BceArgs {
   bool* labels;            // (R, C) contiguous, or nullptr
   void* probs;             // (R, C) contiguous T, or nullptr
   unsigned long long* counts;  // (3, C) int64, zeroed, or nullptr
+  const float* hist_edges;     // threshold histogram: (B + 1,) float32 edges, or nullptr
+  unsigned long long* hist;    // (2, C, B + 2) int64, added to
+  int64_t hist_n_edges;        // B + 1
   int64_t R, C;
   int64_t span_chunks;  // chunks per column tile
   int tx;               // lanes per row
@@ -108,6 +111,48 @@ __device__ __forceinline__ void count_chunk(int* cnt, int64_t tile_base, int64_t
     if (lab[k] && pos[k]) atomicAdd(&cnt[i], 1);
     else if (lab[k]) atomicAdd(&cnt[tile_cols + i], 1);
     else if (pos[k]) atomicAdd(&cnt[2 * tile_cols + i], 1);
+  }
+}
+
+// The bin of a non-NaN x: the number of edges e[0..n) strictly below it (compared in A). The
+// equal-width guess g = ceil((x - e0) * scale), right for equal-width edges up to rounding (an x
+// equal to an edge gives that edge's index, its bin), is checked against e[g - 1] and e[g]; when
+// it is wrong, a binary search over the side of g they leave open decides. Exact for any
+// increasing edges; in bounds [0, n] for any edges.
+template <typename A>
+__device__ __forceinline__ int64_t hist_bin(const float* e, int64_t n, A e0, A scale, A x) {
+  const A t = ceil((x - e0) * scale);
+  const int64_t g = t >= A(0) ? (t < A(n) ? static_cast<int64_t>(t) : n) : 0;  // NaN t: 0
+  int64_t lo = 0, hi = n;
+  if (g > 0) {
+    if (static_cast<A>(__ldg(e + g - 1)) < x) lo = g; else hi = g - 1;
+  }
+  if (g < n) {
+    if (static_cast<A>(__ldg(e + g)) < x) lo = g + 1; else hi = min(hi, g);
+  }
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (static_cast<A>(__ldg(e + mid)) < x) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// Add the chunk's logits to the threshold histogram (hist_bin); NaN logits are left out. One
+// 64-bit integer atomic per element: exact, order-independent.
+template <typename T, int V>
+__device__ __forceinline__ void hist_chunk(const BceArgs& a, const ChunkSpan& c,
+                                           const Pack<T, V>& px, const bool (&pos)[V]) {
+  using A = acc_t<T>;
+  const int64_t n = a.hist_n_edges, nb = n + 1;
+  const A e0 = static_cast<A>(__ldg(a.hist_edges));
+  const A span = static_cast<A>(__ldg(a.hist_edges + n - 1)) - e0;
+  const A scale = span > A(0) ? A(n - 1) / span : A(0);  // 0 for one edge: every guess is 0
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const A x = static_cast<A>(px.v[k]);
+    if (k < c.lo || k >= c.hi || isnan(x)) continue;
+    const int64_t b = hist_bin<A>(a.hist_edges, n, e0, scale, x);
+    atomicAdd(&a.hist[((pos[k] ? a.C : 0) + c.col + k) * nb + b], 1ULL);
   }
 }
 
@@ -172,6 +217,7 @@ __device__ __forceinline__ acc_t<T> bce_chunk(const BceArgs& a, int64_t row, int
     store_pack<bool, V>(p + c.col, chunk_aligned<bool, V>(p, phase), c.lo, c.hi, lab);
   }
   if (a.counts != nullptr) count_chunk<V>(cnt, tile_base, tile_cols, c, lab, pos);
+  if (a.hist != nullptr) hist_chunk<T, V>(a, c, px, pos);
   return sum;
 }
 

@@ -32,7 +32,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_b
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& pos_weight, const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& threshold, bool reduce_rows, bool compute_grad,
-    bool return_probs, bool count);
+    bool return_probs, bool count, const std::optional<at::Tensor>& hist_edges,
+    const std::optional<at::Tensor>& hist_counts);
 
 at::Tensor sigmoid_bce_bwd(const at::Tensor& grad_loss, const at::Tensor& logits,
                            const at::Tensor& target, const std::optional<at::Tensor>& weight,

@@ -25,6 +25,9 @@
 // workspace summed in a fixed order by bce_row_sum_kernel. Counts are integer atomics in shared
 // memory per block, then one 64-bit global atomic per class per block: integer sums, so the
 // result does not depend on the order (deterministic). No float atomics anywhere.
+// The optional threshold histogram (hist_edges / hist_counts) is binned in the same pass: an
+// equal-width guess checked against the edges, a binary search where it is wrong (exact), then
+// one 64-bit integer atomic per element (bce_kernel.cuh: hist_bin, hist_chunk).
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 
@@ -129,7 +132,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_b
     const at::Tensor& logits, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& pos_weight, const std::optional<at::Tensor>& grad_scale,
     const std::optional<at::Tensor>& threshold, bool reduce_rows, bool compute_grad,
-    bool return_probs, bool count) {
+    bool return_probs, bool count, const std::optional<at::Tensor>& hist_edges,
+    const std::optional<at::Tensor>& hist_counts) {
   constexpr const char* op = "sigmoid_bce_fwd";
   c10::cuda::CUDAGuard guard(logits.device());
   op_prologue();
@@ -140,6 +144,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_b
   a.pw = side_view(op, pos_weight, logits, "pos_weight");
   checks::check_count(op, count, threshold.has_value());
   if (threshold.has_value()) set_threshold(a, op, *threshold, logits);
+  checks::check_histogram(op, hist_edges, hist_counts, logits);
+  if (hist_edges.has_value() && hist_edges->defined()) {
+    a.hist_edges = hist_edges->data_ptr<float>();
+    a.hist_n_edges = hist_edges->size(0);
+    a.hist = reinterpret_cast<unsigned long long*>(hist_counts->data_ptr<int64_t>());
+  }
   const auto opts = logits.options();
   const auto acc = acc_dtype(logits.scalar_type());
   // Row sums in the accumulation type; the elementwise loss in promote_types(logits, target)

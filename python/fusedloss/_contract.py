@@ -40,11 +40,15 @@ class Arg:
     type: str                 # schema type: Tensor, Tensor?, int, float, bool
     dtypes: tuple = ()        # tensors: DTYPE_RULES names it may have
     shape: str = ""           # tensors: e.g. "(R, C)"
-    mutated: bool = False     # written in place: Tensor(a!)
+    mutated: bool = False     # written in place: Tensor(a!), or Tensor(a!)? when optional
+    default: str | None = None  # schema default ("None"): callers may leave it out
 
     @property
     def schema(self) -> str:
-        return f"{'Tensor(a!)' if self.mutated else self.type} {self.name}"
+        kind = self.type
+        if self.mutated:
+            kind = "Tensor(a!)?" if self.type == "Tensor?" else "Tensor(a!)"
+        return f"{kind} {self.name}" + ("" if self.default is None else f"={self.default}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,16 @@ class Op:
         if len(self.outs) == 1:
             return "Tensor"
         return "(" + ", ".join(f"Tensor {o.name}" for o in self.outs) + ")"
+
+    def bind(self, args) -> dict:
+        """{argument name: value} of a positional call; trailing arguments with a default
+        (always None) that the call leaves out are filled in."""
+        given = tuple(args)
+        left = self.args[len(given):]
+        if len(given) > len(self.args) or any(a.default is None for a in left):
+            raise TypeError(f"{self.name}: {len(given)} positional arguments for "
+                            f"{self.arg_names}")
+        return dict(zip(self.arg_names, given + (None,) * len(left), strict=True))
 
     @property
     def schema(self) -> str:
@@ -120,7 +134,10 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("sigmoid_bce_fwd",
        (_logits(), _BCE_TARGET, *_BCE_WEIGHTS, _GRAD_SCALE,
         Arg("threshold", "Tensor?", ("floating",), "(C,)"), Arg("reduce_rows", "bool"),
-        Arg("compute_grad", "bool"), Arg("return_probs", "bool"), Arg("count", "bool")),
+        Arg("compute_grad", "bool"), Arg("return_probs", "bool"), Arg("count", "bool"),
+        Arg("hist_edges", "Tensor?", ("float32",), "(B + 1,)", default="None"),
+        Arg("hist_counts", "Tensor?", ("int64",), "(2, C, B + 2)", mutated=True,
+            default="None")),
        (Out("loss", "bce_loss", "bce_loss"), Out("grad", "logits", "(R, C)", "compute_grad"),
         Out("labels", "bool", "(R, C)", "threshold"),
         Out("probs", "logits", "(R, C)", "return_probs"),
@@ -181,10 +198,9 @@ def _fake_out(out: Out, a: dict) -> Tensor:
 
 def fake_kernel(op: Op) -> Callable:
     """The op's fake (meta) kernel: outputs of the contract's shapes and dtypes, no data read."""
-    names = op.arg_names
 
     def fake(*args):
-        a = dict(zip(names, args, strict=True))
+        a = op.bind(args)
         outs = tuple(_fake_out(o, a) for o in op.outs)
         if not outs:
             return None

@@ -4,7 +4,8 @@ The same checks, messages and exception types as csrc/op_checks.h (the native ba
 every backend rejects a bad argument the same way (tests/test_op_agreement.py):
 - a tensor argument of the wrong rank, shape, dtype, stride or device: RuntimeError;
 - a float argument out of its domain (label_smoothing, lse_square_scale, softcap) or
-  count=True without a threshold: ValueError;
+  count=True without a threshold, or one of hist_edges / hist_counts without the other:
+  ValueError;
 - a class index outside [0, C) that is not ignore_index: IndexError("Target <v> is out of
   bounds."), where reading the targets needs no device sync (CPU tensors).
 Every message starts with "<op>: <argument>". Nothing here reads tensor data except the
@@ -137,6 +138,29 @@ def check_count(op: str, count: bool, has_threshold: bool) -> None:
         raise ValueError(f"{op}: count=True needs a threshold, got None")
 
 
+def check_histogram(op: str, edges: Tensor | None, counts: Tensor | None,
+                    logits: Tensor) -> None:
+    """sigmoid_bce_fwd's threshold histogram: both or neither; edges (B + 1,) float32 contiguous,
+    counts (2, C, B + 2) int64 contiguous, on the logits' device (order of edges not read)."""
+    if (edges is None) != (counts is None):
+        alone = "hist_counts" if edges is None else "hist_edges"
+        raise ValueError(f"{op}: hist_counts and hist_edges must be given together, got {alone} "
+                         "alone")
+    if edges is None:
+        return
+    check_same_device(op, "hist_edges", edges, logits)
+    _require(edges.dim() == 1 and edges.shape[0] >= 1 and edges.stride(0) == 1, op,
+             "hist_edges must be a non-empty contiguous 1-D tensor, got shape "
+             f"{tuple(edges.shape)} and strides {edges.stride()}")
+    _require(edges.dtype == torch.float32, op, f"hist_edges must be float32, got {edges.dtype}")
+    check_same_device(op, "hist_counts", counts, logits)
+    _require(counts.dtype == torch.int64, op, f"hist_counts must be int64, got {counts.dtype}")
+    want = (2, logits.shape[1], edges.shape[0] + 1)
+    _require(tuple(counts.shape) == want and counts.is_contiguous(), op,
+             f"hist_counts must be a contiguous {want} tensor, got shape {tuple(counts.shape)} "
+             f"and strides {counts.stride()}")
+
+
 def check_target_range(target: Tensor, ignore_index: int, num_classes: int) -> None:
     """IndexError (as torch's nll_loss) for a class index outside [0, C) on CPU tensors, where
     the check costs no device sync; skipped while tracing (a data-dependent branch)."""
@@ -179,7 +203,8 @@ def softmax_decode(logits: Tensor, softcap) -> None:
 def sigmoid_bce(op: str, logits: Tensor, target: Tensor, weight: Tensor | None,
                 pos_weight: Tensor | None, grad_scale: Tensor | None = None,
                 threshold: Tensor | None = None, count: bool = False,
-                grad_loss: Tensor | None = None) -> None:
+                grad_loss: Tensor | None = None, hist_edges: Tensor | None = None,
+                hist_counts: Tensor | None = None) -> None:
     check_logits(op, logits, unit_col_stride=False)
     if grad_loss is not None:
         check_elementwise_operand(op, "grad_loss", grad_loss, logits)
@@ -193,6 +218,7 @@ def sigmoid_bce(op: str, logits: Tensor, target: Tensor, weight: Tensor | None,
     if threshold is not None:
         check_class_vector(op, "threshold", threshold, logits)
     check_count(op, count, threshold is not None)
+    check_histogram(op, hist_edges, hist_counts, logits)
 
 
 def sigmoid_decode(logits: Tensor, threshold: Tensor) -> None:

@@ -84,9 +84,9 @@ class TorchOps:
 
     @staticmethod
     def sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold, reduce_rows,
-                        compute_grad, return_probs, count):
+                        compute_grad, return_probs, count, hist_edges=None, hist_counts=None):
         checks.sigmoid_bce("sigmoid_bce_fwd", logits, target, weight, pos_weight, grad_scale,
-                           threshold, count)
+                           threshold, count, hist_edges=hist_edges, hist_counts=hist_counts)
         elem = ref.sigmoid_bce_elem(logits, target, weight, pos_weight)
         loss = elem.sum(-1) if reduce_rows else elem.to(_bce_loss_dtype(logits, target))
         grad = _empty(logits)
@@ -99,6 +99,8 @@ class TorchOps:
             labels = ref.sigmoid_decode(logits, threshold)
         probs = torch.sigmoid(logits) if return_probs else _empty(logits)
         counts = ref.confusion_counts(labels, target) if count else _empty(logits, torch.int64)
+        if hist_counts is not None:
+            ref.threshold_histogram_(hist_counts, hist_edges, logits, target)
         return loss, grad, labels, probs, counts
 
     @staticmethod

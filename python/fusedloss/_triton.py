@@ -85,12 +85,14 @@ def softmax_decode(logits: Tensor, softcap: float) -> tuple[Tensor, Tensor]:
 def sigmoid_bce_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor],
                     pos_weight: Optional[Tensor], grad_scale: Optional[Tensor],
                     threshold: Optional[Tensor], reduce_rows: bool, compute_grad: bool,
-                    return_probs: bool, count: bool
+                    return_probs: bool, count: bool, hist_edges: Optional[Tensor] = None,
+                    hist_counts: Optional[Tensor] = None
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     checks.sigmoid_bce("sigmoid_bce_fwd", logits, target, weight, pos_weight, grad_scale,
-                       threshold, count)
+                       threshold, count, hist_edges=hist_edges, hist_counts=hist_counts)
     return _bce.sigmoid_bce_fwd(logits, target, weight, pos_weight, grad_scale, threshold,
-                                reduce_rows, compute_grad, return_probs, count)
+                                reduce_rows, compute_grad, return_probs, count, hist_edges,
+                                hist_counts)
 
 
 @_op("sigmoid_bce_bwd")

@@ -172,11 +172,12 @@ def _ce_logits_grad(ctx, grad_out, logits, target, weight, grad_scale):
 class SigmoidBCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(logits: Tensor, target: Tensor, weight, pos_weight, grad_scale, threshold,
-                cfg: BCEConfig):
+                cfg: BCEConfig, hist=None):
+        # hist: None or (edges, counts) of a ThresholdHistogram, counts added to in place
         ops = _ops(cfg.backend, logits.device)
         loss, grad, labels, probs, counts = ops.sigmoid_bce_fwd(
             logits, target, weight, pos_weight, grad_scale, threshold, cfg.reduction != "none",
-            cfg.fused_grad, cfg.return_probs, cfg.count)
+            cfg.fused_grad, cfg.return_probs, cfg.count, *(hist or (None, None)))
         if not cfg.fused_grad:
             grad = logits.new_empty((0,))
         return _reduce(loss, cfg.reduction, grad_scale, cfg.out_dtype), labels, probs, counts, \
@@ -184,7 +185,7 @@ class SigmoidBCEFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        logits, target, weight, pos_weight, grad_scale, _threshold, cfg = inputs
+        logits, target, weight, pos_weight, grad_scale, _threshold, cfg = inputs[:7]
         _, labels, probs, counts, grad = output
         ctx.mark_non_differentiable(labels, probs, counts, grad)
         ctx.cfg = cfg
@@ -206,11 +207,15 @@ class SigmoidBCEFunction(torch.autograd.Function):
         else:
             d_logits, d_target = _bce_logits_grad(ctx, grad_out, logits, target, weight,
                                                   pos_weight, grad_scale), None
-        return d_logits, d_target, None, None, None, None, None
+        return d_logits, d_target, None, None, None, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, logits, target, weight, pos_weight, grad_scale, threshold, cfg):
-        return _vmap_rules.bce_vmap(bce_apply, info, in_dims, logits, target, weight,
+    def vmap(info, in_dims, logits, target, weight, pos_weight, grad_scale, threshold, cfg,
+             hist=None):
+        if hist is not None:
+            raise RuntimeError("histogram= is not supported under torch.func.vmap: the "
+                               "histogram is state added to in place")
+        return _vmap_rules.bce_vmap(bce_apply, info, in_dims[:7], logits, target, weight,
                                     pos_weight, grad_scale, threshold, cfg)
 
 
@@ -243,7 +248,7 @@ class SoftmaxCrossEntropyJvpFunction(SoftmaxCrossEntropyFunction):
 
 class SigmoidBCEJvpFunction(SigmoidBCEFunction):
     @staticmethod
-    def jvp(ctx, d_logits, d_target, _dw, _dpw, _ds, _dthr, _dcfg):
+    def jvp(ctx, d_logits, d_target, _dw, _dpw, _ds, _dthr, _dcfg, _dhist=None):
         logits, target, weight, pos_weight, grad_scale = ctx.saved_tensors
         out = _diff_grads.bce_jvp(logits, target, weight, pos_weight, grad_scale, ctx.cfg,
                                   (d_logits, d_target))
@@ -262,7 +267,10 @@ def ce_apply(logits, target, weight, grad_scale, cfg: CEConfig):
     return fn.apply(logits, target, weight, grad_scale, cfg)
 
 
-def bce_apply(logits, target, weight, pos_weight, grad_scale, threshold, cfg: BCEConfig):
-    """SigmoidBCEFunction.apply, with forward-mode AD support where it may be used."""
+def bce_apply(logits, target, weight, pos_weight, grad_scale, threshold, cfg: BCEConfig,
+              hist=None):
+    """SigmoidBCEFunction.apply, with forward-mode AD support where it may be used; `hist`:
+    None or a ThresholdHistogram's (edges, counts), added to by the same pass."""
     fn = SigmoidBCEJvpFunction if _forward_ad_possible() else SigmoidBCEFunction
-    return fn.apply(logits, target, weight, pos_weight, grad_scale, threshold, cfg)
+    extra = () if hist is None else (hist,)
+    return fn.apply(logits, target, weight, pos_weight, grad_scale, threshold, cfg, *extra)

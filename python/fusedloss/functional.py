@@ -37,6 +37,7 @@ from ._checks import (
 )
 from ._reduction import mean_denominator
 from .autograd import BCEConfig, CEConfig, bce_apply, ce_apply
+from .thresholds import ThresholdHistogram
 
 
 class CrossEntropyOutput(NamedTuple):
@@ -190,12 +191,15 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
                                      reduce=None, reduction: str = "mean",
                                      pos_weight: Tensor | None = None, *, backend: str = "auto",
                                      threshold=None, logit_threshold=None,
-                                     return_probs: bool = False, return_counts: bool = False):
+                                     return_probs: bool = False, return_counts: bool = False,
+                                     histogram=None):
     """torch.nn.functional.binary_cross_entropy_with_logits, fused; decodings by keyword.
 
     threshold / logit_threshold: multi-hot labels `input > logit(threshold)` (strict) per class
     (the last dim); return_probs: sigmoid(input); return_counts: (3, C) [TP, FP, FN].
     With any of them the result is a BCEOutput, else the plain loss tensor.
+    histogram: a ThresholdHistogram the same pass adds these logits and targets to (as its
+    `update` would), for threshold tuning without keeping the logits.
     """
     reduction, b = _loss_args("binary_cross_entropy_with_logits", input, target, size_average,
                               reduce, reduction, backend)
@@ -210,12 +214,13 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
     if reduction == "mean":
         grad_scale = torch.full((), 1.0 / input.numel() if input.numel() else math.nan,
                                 dtype=ref.compute_dtype(x2.dtype), device=input.device)
+    hist = histogram_tensors(histogram, x2.shape[1], input.device)
     cfg = BCEConfig(backend=b.name, reduction=reduction,
                     fused_grad=_wants_fused_grad(reduction, x2, t2),
                     return_probs=bool(return_probs), count=bool(return_counts),
                     out_dtype=out_dtype)
     loss, labels, probs, counts = bce_apply(
-        x2, t2, w2, pw2, grad_scale, thr, cfg)[:4]
+        x2, t2, w2, pw2, grad_scale, thr, cfg, hist)[:4]
     if reduction == "none":
         loss = loss.reshape(input.shape)
     if thr is None and not return_probs:
@@ -224,6 +229,16 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
                      labels.reshape(input.shape) if thr is not None else None,
                      probs.reshape(input.shape) if return_probs else None,
                      counts if return_counts else None)
+
+
+def histogram_tensors(histogram, classes: int, device: torch.device):
+    """None, or the (edges, counts) a fused BCE pass adds to, from a ThresholdHistogram."""
+    if histogram is None:
+        return None
+    if not isinstance(histogram, ThresholdHistogram):
+        raise TypeError("histogram must be a fusedloss.ThresholdHistogram or None, got "
+                        f"{type(histogram).__name__}")
+    return histogram._op_tensors(classes, device)
 
 
 # ----------------------------------------------------------------------------- decoding only

@@ -196,7 +196,7 @@ def linear_binary_cross_entropy_with_logits(
         linear_bias: Tensor | None = None, weight: Tensor | None = None,
         pos_weight: Tensor | None = None, reduction: str = "mean", backend: str = "auto",
         threshold=None, logit_threshold=None, return_counts: bool = False,
-        chunk_size: int | None = None):
+        chunk_size: int | None = None, histogram=None):
     """`binary_cross_entropy_with_logits(F.linear(input, linear_weight, linear_bias), target)`,
     fused, for multi-label heads.
 
@@ -204,6 +204,8 @@ def linear_binary_cross_entropy_with_logits(
     weight / pos_weight broadcast to (..., L). threshold (probability) / logit_threshold give
     the multi-hot labels `logits > logit(threshold)`; return_counts the (3, L) [TP, FP, FN]
     per label. With either, the result is a BCEOutput (probs is None), else the loss.
+    histogram: a ThresholdHistogram that the pass adds the logits and targets to, chunk by
+    chunk (the logits never exist as a whole).
     """
     x2, linear_weight, linear_bias, batch_shape, classes = _check_linear(
         input, linear_weight, linear_bias)
@@ -224,7 +226,7 @@ def linear_binary_cross_entropy_with_logits(
         res = F.binary_cross_entropy_with_logits(
             logits, target, weight, reduction=reduction, pos_weight=pos_weight,
             backend="torch", threshold=threshold, logit_threshold=logit_threshold,
-            return_counts=return_counts)
+            return_counts=return_counts, histogram=histogram)
         return res
     acc = ref.compute_dtype(x2.dtype)
     grad_scale = None
@@ -237,7 +239,8 @@ def linear_binary_cross_entropy_with_logits(
         x2, linear_weight, linear_bias, t2, w2, pw2, grad_scale, thr, b.name, chunk, reduction,
         on and x2.requires_grad, on and linear_weight.requires_grad,
         on and linear_bias is not None and linear_bias.requires_grad,
-        on and target.is_floating_point() and target.requires_grad, bool(return_counts))
+        on and target.is_floating_point() and target.requires_grad, bool(return_counts),
+        F.histogram_tensors(histogram, classes, input.device))
     if reduction == "none":
         loss = loss.reshape(out_shape)
     loss = loss.to(out_dtype)
@@ -289,7 +292,7 @@ class LinearBCEWithLogitsLoss(nn.Module):
     def __init__(self, weight: Tensor | None = None, reduction: str = "mean",
                  pos_weight: Tensor | None = None, *, backend: str = "auto", threshold=None,
                  logit_threshold=None, return_counts: bool = False,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, histogram=None):
         super().__init__()
         F._check_reduction(reduction)
         for name, value in (("weight", weight), ("pos_weight", pos_weight)):
@@ -305,6 +308,7 @@ class LinearBCEWithLogitsLoss(nn.Module):
         self.logit_threshold = logit_threshold
         self.return_counts = return_counts
         self.chunk_size = chunk_size
+        self.histogram = histogram  # a ThresholdHistogram each forward adds to, or None
 
     def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor,
                 linear_bias: Tensor | None = None):
@@ -312,4 +316,5 @@ class LinearBCEWithLogitsLoss(nn.Module):
             input, linear_weight, target, linear_bias=linear_bias, weight=self.weight,
             pos_weight=self.pos_weight, reduction=self.reduction, backend=self.backend,
             threshold=self.threshold, logit_threshold=self.logit_threshold,
-            return_counts=self.return_counts, chunk_size=self.chunk_size)
+            return_counts=self.return_counts, chunk_size=self.chunk_size,
+            histogram=self.histogram)

@@ -41,12 +41,13 @@ def _rows(t: Tensor | None, i: int, j: int) -> Tensor | None:
     return None if t is None else t[i:j]
 
 
-@torch.library.custom_op(f"{_NS}::bce_fwd", mutates_args=())
+@torch.library.custom_op(f"{_NS}::bce_fwd", mutates_args=("hist_counts",))
 def bce_fwd(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
             target: Tensor, weight: Tensor | None, pos_weight: Tensor | None,
             grad_scale: Tensor | None, threshold: Tensor | None, backend: str,
             chunk_size: int, reduce_rows: bool, need_input: bool, need_weight: bool,
-            need_bias: bool, need_target: bool, count: bool
+            need_bias: bool, need_target: bool, count: bool, hist_edges: Tensor | None = None,
+            hist_counts: Tensor | None = None
             ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     ops = _backend.get(backend, input.device).ops
     x, w, b = input, linear_weight, linear_bias
@@ -67,7 +68,8 @@ def bce_fwd(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
         z = chunk_logits(x[i:j], w, b, buf)
         wc, pc = _rows(weight, i, j), _rows(pos_weight, i, j)
         lc, g, lab, _, cnt = ops.sigmoid_bce_fwd(z, target[i:j], wc, pc, grad_scale, threshold,
-                                                 reduce_rows, need_op_grad, False, count)
+                                                 reduce_rows, need_op_grad, False, count,
+                                                 hist_edges, hist_counts)
         loss[i:j] = lc
         if threshold is not None:
             labels[i:j] = lab
@@ -84,7 +86,7 @@ def bce_fwd(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
 @bce_fwd.register_fake
 def _bce_fwd_fake(input, linear_weight, linear_bias, target, weight, pos_weight, grad_scale,
                   threshold, backend, chunk_size, reduce_rows, need_input, need_weight,
-                  need_bias, need_target, count):
+                  need_bias, need_target, count, hist_edges=None, hist_counts=None):
     x, w = input, linear_weight
     rows, classes = x.shape[0], w.shape[0]
     loss = x.new_empty((rows,), dtype=ref.compute_dtype(x.dtype)) if reduce_rows \
@@ -140,7 +142,7 @@ class LinearBCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, target, weight, pos_weight, grad_scale, threshold, backend: str,
                 chunk: int, reduction: str, need_x: bool, need_w: bool, need_b: bool,
-                need_t: bool, count: bool):
+                need_t: bool, count: bool, hist=None):
         ctx.opts = (backend, chunk)
         ctx.reduction = reduction
         ctx.needs = (need_x, need_w, need_b, need_t)
@@ -148,7 +150,7 @@ class LinearBCEFunction(torch.autograd.Function):
         needs = ctx.needs if fused else (False,) * 4
         loss, gx, gw, gb, gt, labels, counts = torch.ops.fusedloss_linear.bce_fwd(
             x, w, b, target, weight, pos_weight, grad_scale, threshold, backend, chunk,
-            reduction != "none", *needs, count)
+            reduction != "none", *needs, count, *(hist or (None, None)))
         ctx.fused = (gx, gw, gb, gt) if fused else None
         ctx.save_for_backward(x, w, b, target, weight, pos_weight, grad_scale)
         if reduction == "none":
@@ -181,4 +183,4 @@ class LinearBCEFunction(torch.autograd.Function):
             grads = tuple(g if n else None for g, n in zip(grads, ctx.needs, strict=True))
             _scale_(_backend.get(backend, x.device).ops, grads, grad_out)
         gx, gw, gb, gt = (g if n else None for g, n in zip(grads, ctx.needs, strict=True))
-        return (gx, gw, gb, gt) + (None,) * 12
+        return (gx, gw, gb, gt) + (None,) * 13

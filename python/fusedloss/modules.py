@@ -63,7 +63,7 @@ class BCEWithLogitsLoss(_NotScriptable, nn.Module):
     def __init__(self, weight: Tensor | None = None, size_average=None, reduce=None,
                  reduction: str = "mean", pos_weight: Tensor | None = None, *,
                  backend: str = "auto", threshold=None, logit_threshold=None,
-                 return_probs: bool = False, return_counts: bool = False):
+                 return_probs: bool = False, return_counts: bool = False, histogram=None):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = legacy_reduction(size_average, reduce)
@@ -78,10 +78,11 @@ class BCEWithLogitsLoss(_NotScriptable, nn.Module):
         self.logit_threshold = logit_threshold
         self.return_probs = return_probs
         self.return_counts = return_counts
+        self.histogram = histogram  # a ThresholdHistogram each forward adds to, or None
 
     def forward(self, input: Tensor, target: Tensor):
         return F.binary_cross_entropy_with_logits(
             input, target, self.weight, pos_weight=self.pos_weight, reduction=self.reduction,
             backend=self.backend, threshold=self.threshold,
             logit_threshold=self.logit_threshold, return_probs=self.return_probs,
-            return_counts=self.return_counts)
+            return_counts=self.return_counts, histogram=self.histogram)

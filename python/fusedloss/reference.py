@@ -214,3 +214,17 @@ def confusion_counts(labels: Tensor, target: Tensor) -> Tensor:
     fp = (lab & ~pos).sum(0)
     fn = (~lab & pos).sum(0)
     return torch.stack([tp, fp, fn]).to(torch.int64)
+
+
+def threshold_histogram_(counts: Tensor, edges: Tensor, logits: Tensor, target: Tensor) -> None:
+    """Adds the (2, C, B + 2) threshold histogram of (R, C) logits to `counts` in place: bin b
+    of class c counts the logits with exactly b edges strictly below them, split by target > 0.5
+    (docs/OPS.md, sigmoid_bce_fwd); NaN logits are left out."""
+    x = logits.to(compute_dtype(logits.dtype))
+    classes, bins = counts.shape[1], counts.shape[2]
+    b = torch.searchsorted(edges.to(x.dtype), x.contiguous(), right=False)
+    pos = (target.to(torch.float64) > 0.5 if target.dtype != torch.bool else target)
+    cls = torch.arange(classes, device=x.device)
+    flat = pos.to(torch.int64) * (classes * bins) + cls * bins + b
+    flat = flat[~torch.isnan(x)]
+    counts += torch.bincount(flat, minlength=counts.numel()).view_as(counts)

@@ -74,6 +74,18 @@ class ThresholdHistogram:
         self.counts = torch.zeros(2, self.num_classes, self.num_bins, dtype=torch.int64,
                                   device=device)
 
+    def _op_tensors(self, num_classes: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(edges, counts) for a fused loss pass over logits of `num_classes` classes on
+        `device`, which adds to the counts in place (allocated there on first use)."""
+        if num_classes != self.num_classes:
+            raise ValueError(f"histogram has {self.num_classes} classes, the logits have "
+                             f"{num_classes}")
+        if self.counts is None:
+            self._alloc(device)
+        if self.counts.device != device:
+            raise ValueError(f"histogram is on {self.counts.device}, the logits on {device}")
+        return self.edges, self.counts
+
     def reset(self) -> ThresholdHistogram:
         if self.counts is not None:
             self.counts.zero_()
