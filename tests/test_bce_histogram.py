@@ -77,11 +77,13 @@ def test_values_on_and_next_to_edges(dev_backend):
     """Right-closed bins: a logit equal to an edge is in the bin below it, its float32
     neighbours on either side; the equal-width guess must not round them into the wrong bin."""
     device, backend = dev_backend
-    h = ThresholdHistogram(4, bins=1000, range=(-7.3, 5.1), device=device)
+    h = ThresholdHistogram(64, bins=1000, range=(-7.3, 5.1), device=device)
     e = h.edges.cpu()
     x = torch.cat([e, torch.nextafter(e, torch.tensor(1e9)), torch.nextafter(e, torch.tensor(-1e9)),
                    torch.tensor([float("inf"), -float("inf"), 1e30, -1e30])])
-    x = x[:, None].expand(-1, 4).contiguous()
+    # wide rather than tall (few row tiles under the Triton interpreter): every class gets a
+    # different slice of the values, the oracle bins each class on its own
+    x = torch.cat([x, x[: (-x.numel()) % 64]]).reshape(-1, 64)
     y = (torch.arange(x.numel()).reshape(x.shape) % 3 == 0)
     expected = _oracle(x, y, bins=1000, range=(-7.3, 5.1))
     _fused(_backend.get(backend, device).ops, x.to(device), y.to(device), h.edges, h.counts)
@@ -211,3 +213,22 @@ def test_tuning_many_labels_without_the_logits(backend):
     gap = exact.score.to(F64) - tuned.score[sub].to(F64)
     assert bool((gap >= -1e-12).all())
     assert bool((gap <= h.gap_bound("f1")[sub] + 1e-12).all())
+
+
+def test_native_cpu_counts_past_16_bits():
+    """The native CPU pass bins into 16-bit tables flushed every 65535 rows: one task of 140000
+    rows (one thread) must still count every row; class 0 holds one value, so its cell is 140000
+    by hand, class 1 is checked against the oracle."""
+    rows = 140_000
+    g = torch.Generator().manual_seed(3)
+    x = torch.stack([torch.full((rows,), 0.3), torch.randn(rows, generator=g) * 3], 1)
+    y = torch.ones(rows, 2, dtype=torch.uint8)
+    h = ThresholdHistogram(2, bins=64, range=(-4.0, 4.0), device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _fused(_backend.get("native", "cpu").ops, x, y, h.edges, h.counts)
+    finally:
+        torch.set_num_threads(threads)
+    assert h.counts[1, 0].sum() == rows and h.counts[1, 0, 35] == rows  # 0.3 in (0.25, 0.375]
+    assert torch.equal(h.counts, _oracle(x, y, bins=64, range=(-4.0, 4.0)))

@@ -10,15 +10,19 @@
 // ~1e-4 for 1024 bins over (-16, 16)) and for edges that are not equal-width (eps >= 1/4),
 // b comes from a binary search over the edges. Both give the exact answer.
 //
-// Accumulation: each task of rows adds into its own table (2, C, B + 2), the first into the
-// output itself; tables are summed after the pass (integers: deterministic). When the extra
-// tables would exceed kPrivateBudget, tasks add into the output with relaxed atomic increments.
+// Accumulation: a task of rows bins a block of classes at a time (hist_cols in sigmoid_bce.cpp)
+// into a 16-bit table (2, block, B + 2) small enough to stay in cache; the table is added into
+// the task's int64 table every kFlushRows rows (a cell gains at most 1 per row, so 16 bits never
+// overflow) and at the end of the block. Each task's int64 table is its own, the first task's
+// the output; they are summed after the pass (integers: deterministic). When the extra tables
+// would exceed kPrivateBudget, tasks add into the output with relaxed atomic increments.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/vec.h>
@@ -68,41 +72,74 @@ struct HistBinner {
   }
 };
 
-// Adds a block of one row (n classes from c0; logits x and targets y in acc) to the table `h`
-// ((2, C, B + 2) int64, flat); `atomic`: relaxed atomic increments (h shared between tasks).
-// The bins of V elements at a time are computed in vectors (the equal-width rule, see above) as
-// codes 2 b + positive, -1 where a binary search decides, -2 for NaN; the increments are scalar.
+// Rows between flushes of a 16-bit table: no cell can pass 65535.
+constexpr int64_t kFlushRows = 65535;
+
+// The 16-bit table of one block of `cols` classes starting at class c0: cell
+// (positive, class c0 + k, bin b) at (positive * cols + k) * (B + 2) + b.
+struct HistTable {
+  std::vector<uint16_t> cells;
+  int64_t cols = 0, nb = 0, rows = 0;  // rows added since the last flush
+
+  HistTable(int64_t cols_, int64_t n_edges) : cells(2 * cols_ * (n_edges + 1), 0),
+                                              cols(cols_), nb(n_edges + 1) {}
+
+  // Adds the cells of classes [c0, c0 + n) into the (2, C, B + 2) int64 table h and zeroes them.
+  void flush(int64_t* h, int64_t c0, int64_t n, int64_t classes, bool atomic) {
+    for (int64_t p = 0; p < 2; ++p) {
+      for (int64_t k = 0; k < n; ++k) {
+        uint16_t* src = cells.data() + (p * cols + k) * nb;
+        int64_t* dst = h + (p * classes + c0 + k) * nb;
+        for (int64_t b = 0; b < nb; ++b) {
+          if (atomic) {
+            if (src[b] != 0) __atomic_fetch_add(dst + b, int64_t(src[b]), __ATOMIC_RELAXED);
+          } else {
+            dst[b] += src[b];
+          }
+        }
+        std::fill(src, src + nb, uint16_t(0));
+      }
+    }
+    rows = 0;
+  }
+};
+
+// Adds a block of one row (n <= t.cols classes; logits x and targets y in acc) to the 16-bit
+// table t. The cells of V elements at a time are computed in vectors (the equal-width rule, see
+// above; exact integers in acc while the table has under 2^24 cells) as cell indices, -1 where
+// a binary search decides, -2 for NaN; the increments are scalar.
 template <typename acc>
-void hist_block(const HistBinner<acc>& hb, const acc* x, const acc* y, int64_t n, int64_t c0,
-                int64_t classes, int64_t* h, bool atomic) {
+void hist_block(const HistBinner<acc>& hb, const acc* x, const acc* y, int64_t n,
+                HistTable& t) {
   using Vec = at::vec::Vectorized<acc>;
   using I = at::vec::int_same_size_t<acc>;
   constexpr int64_t V = Vec::size();
-  const int64_t nb = hb.n_edges + 1, pos_off = classes * nb;
-  const Vec zero(0), one(1), two(2), half(0.5), lo(hb.lo), scale(hb.scale), eps(hb.eps),
-      top(acc(hb.n_edges - 1)), last(acc(hb.n_edges)), search(-1), skip(-2);
+  const int64_t nb = t.nb, pos_off = t.cols * nb;
+  const bool vector_cells = hb.uniform && 2 * pos_off < (int64_t(1) << 24);
+  const Vec zero(0), one(1), half(0.5), lo(hb.lo), scale(hb.scale), eps(hb.eps),
+      top(acc(hb.n_edges - 1)), last(acc(hb.n_edges)), vnb{acc(nb)}, vpos{acc(pos_off)},
+      search(-1), skip(-2);
   alignas(64) I codes[V];
-  int64_t* hc = h + c0 * nb;
+  uint16_t* cells = t.cells.data();
   for (int64_t i = 0; i < n; i += V) {
     const int64_t k = std::min(V, n - i);
     const Vec xv = Vec::loadu(x + i, k), yv = Vec::loadu(y + i, k);
-    const Vec t = (xv - lo) * scale, r = t.round();
-    const Vec near = ((t - r).abs() <= eps) & (r >= zero) & (r <= top);
-    const Vec b = at::vec::minimum(at::vec::maximum(t.floor() + one, zero), last);
-    Vec code = hb.uniform ? Vec::blendv(b * two + Vec::blendv(zero, one, yv > half), search, near)
-                          : search;
+    Vec code = search;
+    if (vector_cells) {
+      const Vec tt = (xv - lo) * scale, r = tt.round();
+      const Vec near = ((tt - r).abs() <= eps) & (r >= zero) & (r <= top);
+      const Vec b = at::vec::minimum(at::vec::maximum(tt.floor() + one, zero), last);
+      const Vec cell = b + Vec::arange(acc(i), acc(1)) * vnb + Vec::blendv(zero, vpos, yv > half);
+      code = Vec::blendv(cell, search, near);
+    }
     code = Vec::blendv(code, skip, xv.isnan());
     at::vec::convert_to_int_of_same_size(code).store(codes, k);
     for (int64_t q = 0; q < k; ++q) {
       const I c = codes[q];
-      if (c == I(-2)) continue;
-      const int64_t off = c >= 0 ? (c >> 1) + ((c & 1) ? pos_off : 0)
-                                 : hb.bin(x[i + q]) + (y[i + q] > acc(0.5) ? pos_off : 0);
-      int64_t* cell = hc + (i + q) * nb + off;
-      if (atomic) {
-        __atomic_fetch_add(cell, int64_t(1), __ATOMIC_RELAXED);
-      } else {
-        *cell += 1;
+      if (c >= 0) {
+        ++cells[c];
+      } else if (c == I(-1)) {
+        ++cells[(i + q) * nb + hb.bin(x[i + q]) + (y[i + q] > acc(0.5) ? pos_off : 0)];
       }
     }
   }

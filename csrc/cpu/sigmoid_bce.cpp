@@ -143,14 +143,19 @@ void label_block(const BceJob& j, const BceBlock<acc>& b, int64_t c0, int64_t C,
   }
 }
 
-// Classes per column block while histogramming: their tables ((2, B + 2) int64 each) fit in
-// 512 KiB, within a core's L2, so the increments of every row hit cache. A power of two in
-// [16, kBlock]: a multiple of every vector width, so each row sum adds the same vectors in the
-// same order as with kBlock columns (bitwise the same loss with and without the histogram).
+// Bytes of a task's 16-bit histogram table (bce_hist.h: HistTable).
+// 64 KiB: measured against 32, 128, 256 and 512 KiB (benchmarks/bench_hist.py, 1024 and 64
+// bins), it was the fastest or within noise of it on every shape.
+constexpr int64_t kHistTableBytes = int64_t(64) << 10;
+
+// Classes per column block while histogramming: their 16-bit tables ((2, B + 2) cells each) fit
+// in kHistTableBytes, so the increments of every row hit cache. A power of two in [16, kBlock]:
+// a multiple of every vector width, so each row sum adds the same vectors in the same order as
+// with kBlock columns (bitwise the same loss with and without the histogram).
 inline int64_t hist_cols(int64_t n_edges) {
-  const int64_t per_class = 2 * (n_edges + 1) * int64_t(sizeof(int64_t));
+  const int64_t per_class = 2 * (n_edges + 1) * int64_t(sizeof(uint16_t));
   int64_t bc = 16;
-  while (bc * 2 <= kBlock && bc * 2 * per_class <= (int64_t(512) << 10)) bc *= 2;
+  while (bc * 2 <= kBlock && bc * 2 * per_class <= kHistTableBytes) bc *= 2;
   return bc;
 }
 
@@ -164,6 +169,7 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, const BceSinks
   const HistBinner<acc> binner(j.hist_edges, j.hist_n_edges);
   const bool need_y = j.loss_rows || j.loss_elem || j.grad || j.count || out.hist != nullptr;
   const bool elementwise = j.loss_rows || j.loss_elem || j.grad || j.probs;
+  HistTable* table = nullptr;
   auto block = [&](int64_t r, int64_t c0, int64_t n, Vec& row_sum) {
     BceBlock<acc> b;
     b.n = n;
@@ -175,8 +181,7 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, const BceSinks
     if (j.gl.defined()) b.gl = j.gl.block<acc>(r, c0, b.n, buf.gl.data());
     if (elementwise) bce_block<scalar_t>(j, b, row_sum);
     if (j.labels) label_block<acc>(j, b, c0, C, out.cnt);
-    if (out.hist != nullptr) hist_block<acc>(binner, b.x, b.y, b.n, c0, C, out.hist,
-                                              out.hist_atomic);
+    if (table != nullptr) hist_block<acc>(binner, b.x, b.y, b.n, *table);
   };
   if (out.hist == nullptr) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -187,12 +192,17 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, const BceSinks
     return;
   }
   const int64_t bc = hist_cols(j.hist_n_edges);
+  HistTable local(bc, j.hist_n_edges);
+  table = &local;
   std::vector<Vec> sums(j.loss_rows ? r1 - r0 : 0, Vec(0));
   Vec unused(0);
   for (int64_t c0 = 0; c0 < C; c0 += bc) {
+    const int64_t n = std::min(bc, C - c0);
     for (int64_t r = r0; r < r1; ++r) {
-      block(r, c0, std::min(bc, C - c0), j.loss_rows ? sums[r - r0] : unused);
+      block(r, c0, n, j.loss_rows ? sums[r - r0] : unused);
+      if (++local.rows == kFlushRows) local.flush(out.hist, c0, n, C, out.hist_atomic);
     }
+    local.flush(out.hist, c0, n, C, out.hist_atomic);
   }
   for (int64_t r = r0; j.loss_rows && r < r1; ++r) {
     static_cast<acc*>(j.loss_rows_out)[r] = hsum(sums[r - r0]);
