@@ -21,14 +21,7 @@ Row sums (reduce_rows) are written per column tile as (tiles, R) partials (fp64 
 logits) that the launcher sums in a fixed order: deterministic, no float atomics. Confusion
 counts are added with one integer atomic per class per program (deterministic).
 
-Threshold histogram (HIST): each logit x of class c with target y is added to
-hist[y > 0.5, c, b], b = the number of edges strictly below x (x compared in ACC against the
-float32 edges), with one int64 atomic per element (integer sums: deterministic); NaN logits
-are left out. b is first guessed as ceil((x - e_0) B / (e_B - e_0)), right for equal-width
-edges up to rounding (a logit equal to an edge gives that edge's index, its bin); the edges
-e_{g-1} and e_g either confirm the guess g or bracket b on one side of it, and a binary search
-over the bracket, run while any lane of the tile is unresolved, finishes. The result is exact
-for any increasing edges; the search only costs time where a guess was wrong.
+Threshold histogram (HIST): bce_histogram.py.
 
 Targets: the logits' float dtype or the accumulation dtype (autocast: fp32 targets with bf16
 logits; the elementwise loss is then stored in the accumulation dtype, promote(logits, target)),
@@ -65,6 +58,7 @@ from ._common import (
     on_device,
     signature,
 )
+from .bce_histogram import histogram_add, histogram_scale
 
 # Runtime switches and the operand column strides are never specialised by value (Triton turns
 # an int equal to 1 into a constant: one more compiled kernel per combination). Instead
@@ -84,54 +78,6 @@ def _offsets(r2, c2, s_r, s_c, COLS_CONTIG: tl.constexpr):
     if COLS_CONTIG:
         return r2 * s_r + c2
     return r2 * s_r + c2.to(tl.int64) * s_c
-
-
-@triton.jit
-def _histogram_scale(edges_ptr, n_edges, ACC: tl.constexpr):
-    """(e_0, B / (e_B - e_0)) in ACC for the bin guess; the scale is 0 for a single edge, where
-    every guess is 0 and the checks decide."""
-    e0 = tl.load(edges_ptr).to(ACC)
-    span = tl.load(edges_ptr + (n_edges - 1)).to(ACC) - e0
-    scale = tl.where(span > 0, (n_edges - 1) / tl.where(span > 0, span, 1.0), 0.0)
-    return e0, scale.to(ACC)
-
-
-@triton.jit
-def _histogram_bin(x, valid, edges_ptr, n_edges, e0, scale):
-    """The bin of each valid logit, the number of edges strictly below it (0 elsewhere): the
-    equal-width guess g, checked against e_{g-1} and e_g, then a binary search over what those
-    left open (see the module docstring)."""
-    t = tl.ceil((x - e0) * scale)
-    t = tl.where(t == t, tl.minimum(tl.maximum(t, 0.0), n_edges + 0.0), 0.0)  # NaN: guess 0
-    g = t.to(tl.int32)
-    lo = tl.zeros(x.shape, tl.int32)
-    hi = tl.where(valid, n_edges, 0)
-    check = valid & (g > 0)  # e_{g-1} < x: b >= g, else b < g
-    below = tl.load(edges_ptr + (g - 1), mask=check, other=0.0).to(x.dtype) < x
-    lo = tl.where(check & below, g, lo)
-    hi = tl.where(check & ~below, g - 1, hi)
-    check = valid & (g < n_edges)  # e_g < x: b > g, else b <= g
-    below = tl.load(edges_ptr + g, mask=check, other=0.0).to(x.dtype) < x
-    lo = tl.where(check & below, g + 1, lo)
-    hi = tl.where(check & ~below, tl.minimum(hi, g), hi)
-    while tl.max(hi - lo) > 0:  # no iteration when every guess was right
-        active = lo < hi
-        mid = (lo + hi) // 2
-        below = tl.load(edges_ptr + mid, mask=active, other=0.0).to(x.dtype) < x
-        lo = tl.where(active & below, mid + 1, lo)
-        hi = tl.where(active & ~below, mid, hi)
-    return lo
-
-
-@triton.jit
-def _histogram_add(x, y, mask, c2, C, edges_ptr, hist_ptr, n_edges, e0, scale):
-    """Adds a tile to the (2, C, B + 2) int64 histogram, one integer atomic per counted element
-    (order-independent sums); NaN logits are left out."""
-    valid = mask & (x == x)
-    b = _histogram_bin(x, valid, edges_ptr, n_edges, e0, scale)
-    pos = (y > 0.5).to(tl.int64)
-    cell = (pos * C + c2.to(tl.int64)) * (n_edges + 1) + b
-    tl.atomic_add(hist_ptr + cell, tl.full(x.shape, 1, tl.int64), mask=valid, sem="relaxed")
 
 
 # Longer than the other functions (~95 lines) on purpose: one loop over the program's row tiles
@@ -173,7 +119,7 @@ def _sigmoid_bce_kernel(
     fp = tl.zeros([BLOCK_C], tl.int32)
     fn = tl.zeros([BLOCK_C], tl.int32)
     if HIST:
-        h_e0, h_scale = _histogram_scale(edges_ptr, n_edges, ACC)
+        h_e0, h_scale = histogram_scale(edges_ptr, n_edges, ACC)
     for r_start in range(row0, row_end, BLOCK_R):
         rows = r_start + tl.arange(0, BLOCK_R).to(tl.int64)
         row_ok = rows < row_end
@@ -210,7 +156,7 @@ def _sigmoid_bce_kernel(
                                       mask=mask, other=0.0).to(ACC)
                 tl.store(grad_ptr + out, dx.to(grad_ptr.dtype.element_ty), mask=mask)
             if HIST:
-                _histogram_add(x, y, mask, c2, C, edges_ptr, hist_ptr, n_edges, h_e0, h_scale)
+                histogram_add(x, y, mask, c2, C, edges_ptr, hist_ptr, n_edges, h_e0, h_scale)
         if probs != 0:
             tl.store(probs_ptr + out, sig.to(probs_ptr.dtype.element_ty), mask=mask)
         if labels != 0:
