@@ -4,139 +4,43 @@ Oracle: torch.nn.functional.cross_entropy (and autograd through it) on the FULL 
 every rank builds from the same seed and then slices to its shard; the z-loss term against its
 formula `s * logsumexp(z)^2` per non-ignored row, reduced with torch's weighted-mean denominator.
 
-Cost: spawning a process group is ~2 s of imports, so the file starts ONE group per
-(backend, world size) and runs every case inside it; each case is a separate pytest item that
-reads the result its group recorded. A case must raise (or pass) on every rank; a group that
-hangs fails its items after GROUP_TIMEOUT instead of blocking the suite.
+Cost: spawning a process group is ~2 s of imports, so the harness (distributed_harness.py)
+starts ONE group per (backend, world size) and runs every case inside it, those here and the
+bad-input ones of distributed_bad_cases.py; each case is a separate pytest item that reads the
+result its group recorded. A case must raise (or pass) on every rank; a group that hangs fails
+its items after GROUP_TIMEOUT instead of blocking the suite.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import os
 import tempfile
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import fusedloss
+import distributed_bad_cases  # noqa: F401  (registers the bad-input cases)
+from distributed_harness import (
+    BACKENDS,
+    CASES,
+    COLLECTIVE_TIMEOUT,
+    F32,
+    IGNORE,
+    LAYOUTS,
+    C,
+    N,
+    _data,
+    _grid_case,
+    _group_results,
+    _layout,
+    _oracle,
+    _run_case,
+    case,
+)
 from fusedloss import distributed as D
 from fusedloss.distributed import _collectives, _function
-
-GROUP_TIMEOUT = 90.0  # seconds for a whole group (all cases); a hang fails the items
-COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=20)  # gloo: a stuck collective raises
-N, C = 13, 11  # 13 rows: not a multiple of any shard; 11 classes: prime, so shards are uneven
-IGNORE = -100
-# Uneven shard sizes per world size (in rank order); 3 ranks include a 1-class shard.
-LAYOUTS = {2: [4, 7], 3: [5, 1, 5]}
-BACKENDS = [b for b in fusedloss.available_backends("cpu") if b != "triton"]  # interpreter: slow
-F32 = dict(atol=2e-6, rtol=2e-5)  # fp32 over 11 classes: a few ulp of the loss and gradient
-
-
-# ----------------------------------------------------------------------------- data and oracle
-def _data(dtype=torch.float32, seed=0, rows=N):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(rows, C, generator=g, dtype=torch.float64) * 3).to(dtype)
-    t = torch.randint(0, C, (rows,), generator=g)
-    t[3] = IGNORE  # ignored rows
-    t[7] = IGNORE
-    # argmax ties across shards: the maximum in classes 2 and 9 (different ranks in every layout)
-    x[0] = 0
-    x[0, 2] = x[0, 9] = 5
-    # a tie in classes 5 and 6: inside rank 1's shard for 2 ranks, across ranks 1, 2 for 3
-    x[1, 5] = x[1, 6] = x[1].max() + 1
-    w = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype)
-    return x, t, w
-
-
-def _layout(rank, world):
-    sizes = LAYOUTS[world]
-    start = sum(sizes[:rank])
-    return start, sizes[rank]
-
-
-def _zloss_reference(x, t, w, reduction, s):
-    lse = torch.logsumexp(x.double(), -1)
-    valid = t != IGNORE
-    z = s * lse.square() * valid
-    if reduction == "none":
-        return z
-    if reduction == "sum":
-        return z.sum()
-    wt = torch.ones(len(t), dtype=torch.float64) if w is None else w.double()[t.clamp(min=0)]
-    return z.sum() / (wt * valid).sum()
-
-
-def _oracle(x, t, w, reduction, eps, s, upstream):
-    """(loss, full gradient) from torch on the full logits."""
-    xr = x.detach().double().requires_grad_()
-    loss = F.cross_entropy(xr, t, weight=None if w is None else w.double(), ignore_index=IGNORE,
-                           reduction=reduction, label_smoothing=eps)
-    if s:
-        loss = loss + _zloss_reference(xr, t, w, reduction, s)
-    loss.backward(upstream.double())
-    return loss.detach(), xr.grad
-
-
-def _run_case(rank, world, backend, *, weight, eps, s, reduction, dtype=torch.float32,
-              decode=False, validate=True, pass_layout=False, batch=None):
-    x, t, w = _data(dtype)
-    w = w if weight else None
-    start, size = _layout(rank, world)
-    local = x[:, start:start + size].clone()
-    if batch is not None:  # (B, T, C_local) LM layout
-        local, t_in = local.reshape(*batch, size), t.reshape(batch)
-    else:
-        t_in = t
-    local.requires_grad_()
-    kw = dict(class_start=start, num_classes=C) if pass_layout else {}
-    out = D.cross_entropy(local, t_in, weight=w, ignore_index=IGNORE, reduction=reduction,
-                          label_smoothing=eps, lse_square_scale=s, backend=backend,
-                          return_decoding=decode, validate=validate, **kw)
-    loss = out.loss if decode else out
-    gen = torch.Generator().manual_seed(99)  # the same upstream gradient on every rank
-    upstream = torch.randn(loss.shape, generator=gen, dtype=torch.float64)
-    loss.backward(upstream.to(loss.dtype))
-    ref_loss, ref_grad = _oracle(x, t, w, reduction, eps, s, upstream.reshape(-1)
-                                 if reduction == "none" else upstream)
-    assert loss.dtype == dtype, (loss.dtype, dtype)
-    assert loss.shape == (t_in.shape if reduction == "none" else ()), loss.shape
-    tol = F32 if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(loss.double().reshape(-1), ref_loss.reshape(-1), **tol)
-    torch.testing.assert_close(local.grad.double().reshape(-1, size),
-                               ref_grad[:, start:start + size], **tol)
-    if decode:
-        xd = x.double()
-        pred = torch.argmax(xd, -1)
-        conf = torch.softmax(xd, -1).gather(1, pred[:, None]).squeeze(1)
-        assert torch.equal(out.pred.reshape(-1), pred), (out.pred, pred)
-        assert out.pred.reshape(-1)[0] == 2 and out.pred.reshape(-1)[1] == 5  # tie rules
-        torch.testing.assert_close(out.confidence.reshape(-1).double(), conf, **F32)
-        assert out.confidence.dtype == torch.float32
-        assert torch.equal(out.correct.reshape(-1), (pred == t) & (t != IGNORE))
-
-
-# ----------------------------------------------------------------------------- cases
-CASES = {}
-
-
-def case(fn):
-    CASES[fn.__name__] = fn
-    return fn
-
-
-def _grid_case(weight, eps, s, reduction):
-    def fn(rank, world, backend):
-        _run_case(rank, world, backend, weight=weight, eps=eps, s=s, reduction=reduction)
-    return fn
-
 
 # Every combination of the options that change the math: weight x smoothing x z-loss x reduction.
 for _w in (False, True):
@@ -144,6 +48,7 @@ for _w in (False, True):
         for _s in (0.0, 1e-2):
             for _red in ("none", "mean", "sum"):
                 CASES[f"grid-w{int(_w)}-eps{_eps}-z{_s}-{_red}"] = _grid_case(_w, _eps, _s, _red)
+
 
 
 @case
@@ -395,136 +300,6 @@ def module_caches_layout(rank, world, backend):
         torch.testing.assert_close(loss.double(), ref_loss, **F32)
 
 
-# --- bad input: every rank must raise the same error (never hang) ----------------------------
-def _bad(rank, world, backend, exc, match, **over):
-    x, t, w = _data()
-    start, size = _layout(rank, world)
-    args = dict(local_logits=x[:, start:start + size], target=t, weight=None, kw={})
-    args.update({k: v(rank, args) for k, v in over.items()})
-    with pytest.raises(exc, match=match):
-        D.cross_entropy(args["local_logits"], args["target"], weight=args["weight"],
-                        ignore_index=IGNORE, backend=backend, **args["kw"])
-
-
-@case
-def bad_num_classes(rank, world, backend):
-    _bad(rank, world, backend, ValueError, r"add up to 11, not num_classes=12",
-         kw=lambda r, a: dict(num_classes=C + 1))
-
-
-@case
-def bad_target_differs_on_one_rank(rank, world, backend):
-    def tgt(r, a):
-        t = a["target"].clone()
-        if r == world - 1:
-            t[5] = (t[5] + 1) % C
-        return t
-    _bad(rank, world, backend, ValueError, r"target differs across ranks", target=tgt)
-
-
-@case
-def bad_rows_differ(rank, world, backend):
-    # rank 1 has one row fewer (self-consistent locally): caught only by comparing ranks
-    def cut(r, a):
-        return a["local_logits"][:-1] if r == 1 else a["local_logits"]
-
-    def cut_t(r, a):
-        return a["target"][:-1] if r == 1 else a["target"]
-    _bad(rank, world, backend, ValueError, r"number of rows .* differs across ranks",
-         local_logits=cut, target=cut_t)
-
-
-@case
-def bad_local_shape_on_one_rank(rank, world, backend):
-    def tgt(r, a):
-        return a["target"][:-1] if r == 0 else a["target"]
-    _bad(rank, world, backend, ValueError, r"bad input on 1 of .*rank 0: target.shape \(12,\)",
-         target=tgt)
-
-
-@case
-def bad_target_out_of_range(rank, world, backend):
-    def tgt(r, a):
-        t = a["target"].clone()
-        t[4] = C
-        return t
-    _bad(rank, world, backend, IndexError, r"Target 11 is out of bounds", target=tgt)
-
-
-@case
-def bad_class_start_overlap(rank, world, backend):
-    # every rank claims to start at 0: shards overlap
-    _bad(rank, world, backend, ValueError, r"tile \[0, 11\)",
-         kw=lambda r, a: dict(class_start=0))
-
-
-@case
-def bad_weight_is_local_slice(rank, world, backend):
-    def wl(r, a):
-        start, size = _layout(r, world)
-        return _data()[2][start:start + size]
-    _bad(rank, world, backend, ValueError, r"full \(num_classes,\)", weight=wl)
-
-
-@case
-def bad_options_differ(rank, world, backend):
-    def kw(r, a):
-        return dict(label_smoothing=0.1 if r == 0 else 0.0)
-    _bad(rank, world, backend, ValueError, r"options hash .* differs across ranks", kw=kw)
-
-
-# ----------------------------------------------------------------------------- harness
-def _worker(rank, world, init_file, backend, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world, timeout=COLLECTIVE_TIMEOUT)
-    results = {}
-    try:
-        for name, fn in CASES.items():
-            try:
-                fn(rank, world, backend)
-                results[name] = "ok"
-            except Exception:  # recorded; the item for this case fails with the traceback
-                results[name] = traceback.format_exc()
-            dist.barrier()  # keep the ranks in step between cases
-    finally:
-        with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-
-
-_GROUPS: dict = {}
-
-
-def _group_results(backend, world):
-    """Run every case in one spawned group of `world` ranks; {rank: {case: 'ok' | traceback}}."""
-    key = (backend, world)
-    if key not in _GROUPS:
-        with tempfile.TemporaryDirectory() as tmp:
-            init_file = os.path.join(tmp, "init")
-            ctx = mp.start_processes(_worker, args=(world, init_file, backend, tmp),
-                                     nprocs=world, join=False, start_method="spawn")
-            deadline = time.monotonic() + GROUP_TIMEOUT
-            error = None
-            try:
-                while not ctx.join(timeout=max(deadline - time.monotonic(), 0.1)):
-                    if time.monotonic() > deadline:
-                        error = f"group of {world} ranks timed out after {GROUP_TIMEOUT} s"
-                        break
-            except Exception as e:  # a rank died outside a case
-                error = f"a rank failed: {e}"
-            finally:
-                for p in ctx.processes:
-                    if p.is_alive():
-                        p.kill()
-            results = {}
-            for r in range(world):
-                path = os.path.join(tmp, f"{r}.json")
-                if os.path.exists(path):
-                    with open(path) as f:
-                        results[r] = json.load(f)
-            _GROUPS[key] = (results, error)
-    return _GROUPS[key]
 
 
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
