@@ -12,10 +12,9 @@
 //
 // Accumulation: a task of rows bins a block of classes at a time (hist_cols in sigmoid_bce.cpp)
 // into a 16-bit table (2, block, B + 2) small enough to stay in cache; the table is added into
-// the task's int64 table every kFlushRows rows (a cell gains at most 1 per row, so 16 bits never
-// overflow) and at the end of the block. Each task's int64 table is its own, the first task's
-// the output; they are summed after the pass (integers: deterministic). When the extra tables
-// would exceed kPrivateBudget, tasks add into the output with relaxed atomic increments.
+// the output every kFlushRows rows (a cell gains at most 1 per row, so 16 bits never overflow)
+// and at the end of the block, with relaxed atomic adds of its nonzero cells when several tasks
+// share the output (integer sums: deterministic).
 #pragma once
 
 #include <algorithm>
@@ -29,9 +28,6 @@
 
 namespace fusedloss {
 namespace cpu {
-
-// Bytes of per-task tables allowed beyond the output (above it: atomics into the output).
-constexpr int64_t kPrivateBudget = int64_t(256) << 20;
 
 template <typename acc>
 struct HistBinner {

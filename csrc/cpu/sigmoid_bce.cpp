@@ -63,7 +63,8 @@ struct BceJob {
   int64_t hist_n_edges = 0;
 };
 
-// Where a task of rows writes: its (3, C) counts and (2, C, B + 2) histogram (null: not asked).
+// Where a task of rows writes: its (3, C) counts, and the (2, C, B + 2) histogram output
+// (atomically when tasks share it); null: not asked.
 struct BceSinks {
   int64_t* cnt = nullptr;
   int64_t* hist = nullptr;
@@ -219,27 +220,22 @@ Tensor run(const BceJob& j, int64_t R, int64_t C, const at::TensorOptions& opts,
                      [&](int64_t r0, int64_t r1) { bce_rows<scalar_t>(j, C, r0, r1, {}); });
     return Tensor();
   }
-  // Fixed chunks, one (3, C) partial and one histogram table each (the first chunk's table is
-  // the output); the sums over chunks are exact (integers).
+  // Fixed chunks, one (3, C) partial each; the sum over chunks is exact (integers). The
+  // histogram is added into the output directly (atomically when there are several chunks).
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(R, at::get_num_threads()));
   const int64_t per = R == 0 ? 0 : (R + chunks - 1) / chunks;
   Tensor partial = at::zeros({j.count ? chunks : 0, 3, C}, opts.dtype(at::kLong));
-  const int64_t table = j.hist_edges == nullptr ? 0 : hist.numel();
-  const bool atomic = (chunks - 1) * table * int64_t(sizeof(int64_t)) > kPrivateBudget;
-  Tensor tables = at::zeros({atomic || table == 0 ? 0 : chunks - 1, table}, opts.dtype(at::kLong));
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       BceSinks out;
       if (j.count) out.cnt = partial.data_ptr<int64_t>() + k * 3 * C;
-      if (table > 0) {
-        out.hist = k == 0 || atomic ? hist.data_ptr<int64_t>()
-                                    : tables.data_ptr<int64_t>() + (k - 1) * table;
-        out.hist_atomic = atomic && chunks > 1;
+      if (j.hist_edges != nullptr) {
+        out.hist = hist.data_ptr<int64_t>();
+        out.hist_atomic = chunks > 1;
       }
       bce_rows<scalar_t>(j, C, std::min(R, k * per), std::min(R, (k + 1) * per), out);
     }
   });
-  if (tables.size(0) > 0) hist.view({-1}).add_(tables.sum(0));
   return j.count ? partial.sum(0) : Tensor();
 }
 
