@@ -18,14 +18,14 @@ histogram's overhead; the target is at most 1.15 on the CPU).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+
+from timing import Timer  # noqa: E402
 
 DEFAULT_CASES = {"cpu": ["65536x256", "4096x32768"], "cuda": ["65536x1024", "16384x131072"]}
 
@@ -61,26 +61,6 @@ def variants(x, y, bins: int) -> dict:
             "train": lambda: bce(xg, y), "train+hist": lambda: bce(xg, y, histogram=hist)}
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_round_robin(calls: dict, device, rounds: int) -> dict:
-    """Median seconds per variant over `rounds` rounds of one call each, in turn."""
-    for fn in calls.values():  # warm-up
-        fn()
-    times = {name: [] for name in calls}
-    for _ in range(rounds):
-        for name, fn in calls.items():
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -98,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     for case in cases:
         rows, classes = (int(v) for v in case.split("x"))
         x, y = _inputs(rows, classes, device)
-        t = time_round_robin(variants(x, y, args.bins), device, args.rounds)
+        t = Timer(device).round_robin(variants(x, y, args.bins), args.rounds)
         ms = {k: v * 1e3 for k, v in t.items()}
         print(f"| {case} | {ms['fwd']:.2f} | {ms['fwd+hist']:.2f} | {ms['fwd+update']:.2f} | "
               f"{ms['train']:.2f} | {ms['train+hist']:.2f} | {t['fwd+hist'] / t['fwd']:.3f} | "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -128,15 +127,10 @@ def check(provs, x, w, t) -> dict:
 
 
 def time_rounds(provs, x, w, t, rounds: int, timer: Timer) -> dict:
-    for fn in provs.values():  # warm-up (compilation, first-touch)
-        step(fn, x, w, t)
-    times = {name: [] for name in provs}
-    for _ in range(rounds):
-        for name, fn in provs.items():
-            timer.sync()
-            times[name].append(timer.once(lambda fn=fn: step(fn, x, w, t)))
+    calls = {name: (lambda fn=fn: step(fn, x, w, t)) for name, fn in provs.items()}
+    times = timer.round_robin(calls, rounds)  # the warm-up call compiles and first-touches
     x.grad = w.grad = None
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
 
 
 def _chunk_sizes(name: str) -> tuple:

@@ -78,6 +78,18 @@ class Timer:
         fn()
         return time.perf_counter() - t0
 
+    def round_robin(self, calls: dict[str, Callable[[], object]], rounds: int) -> dict:
+        """{name: median seconds} over `rounds` rounds in which every call runs once in turn
+        (after one untimed warm-up call each), so machine noise hits all of them alike."""
+        for fn in calls.values():
+            fn()
+        times: dict[str, list[float]] = {name: [] for name in calls}
+        for _ in range(rounds):
+            for name, fn in calls.items():
+                self.sync()
+                times[name].append(self.once(fn))
+        return {name: statistics.median(v) for name, v in times.items()}
+
     def measure(self, fn: Callable[[], object], setup: Callable[[], None] | None = None, *,
                 warmup: int, min_reps: int, max_reps: int, budget_s: float) -> Stats:
         """Warm up, then time calls until `min_reps` are done and `budget_s` seconds of timed
