@@ -70,6 +70,36 @@ def test_backward_into_leaf_adopts_the_fused_gradient(dev_backend, case):
     assert x.grad.data_ptr() == arrived[0], "x.grad is a copy of the gradient backward returned"
 
 
+@pytest.mark.parametrize("case", CASES[:2] + CASES[4:5], ids=IDS[:2] + IDS[4:5])
+def test_fused_backward_creates_no_logits_sized_tensor(dev_backend, case):
+    """For mean/sum the gradient exists after the forward; backward must not write another
+    (R, C) tensor, e.g. the zero gradients autograd fills for the Function's other outputs
+    unless it is told not to."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.big = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.is_view or func._schema.is_mutable:  # an alias, or written in place
+                return out
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor) and o.numel() >= R * C:
+                    self.big.append(str(func))
+            return out
+
+    device, backend = dev_backend
+    _, ours, _, prob = case
+    x, t = _ce_inputs(device, prob, torch.float32)
+    loss = ours(x, t, backend)
+    with Sizes() as mode:
+        loss.backward()
+    assert mode.big == [], mode.big
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_retain_graph_second_backward(dev_backend, case):
     device, backend = dev_backend

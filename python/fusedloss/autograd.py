@@ -192,9 +192,14 @@ class SigmoidBCEFunction(torch.autograd.Function):
         ctx.fused_grad = grad if cfg.fused_grad else None
         ctx.save_for_backward(logits, target, weight, pos_weight, grad_scale)
         ctx.save_for_forward(logits, target, weight, pos_weight, grad_scale)
+        # Without this, autograd fills a zero gradient for every other output before backward:
+        # the fused-gradient output is logits-sized, so that was a full write of zeros.
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_out, _gl, _gp, _gc, _gg):
+        if grad_out is None:  # nothing flows into the loss
+            return None, None, None, None, None, None, None, None
         logits, target, weight, pos_weight, grad_scale = ctx.saved_tensors
         cfg = ctx.cfg
         need = tuple(ctx.needs_input_grad[:2])
