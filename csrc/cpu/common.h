@@ -211,7 +211,20 @@ inline Tensor class_vector(const char* op, const char* name, const Tensor& v,
 // PyTorch's own allocator does under THP_MEM_ALLOC_ENABLE=1): first-touch page faults on 4 KiB
 // pages cost ~1.4 us each, measured 176 ms to allocate+fill 524 MB here vs 35 ms with THP
 // (same 2-core EPYC), more than the whole fused kernel.
+//
+// Even with huge pages, the kernel zeroes every fresh page before the first touch: a fresh 524 MB
+// gradient costs more than the fused pass's own reads and writes. So the last large output buffer
+// (>= kReuseMinBytes) is kept in a one-slot cache and handed out again by the next call that needs
+// no more than it holds and at least half of it, but only once nothing else references it: no
+// tensor, view or Python storage object (strong count 1, the slot's own) and no weak reference
+// (weak count 1), allocated by the CPU allocator (not shared memory). A buffer that can't be reused
+// is dropped before the new one is allocated, so a call's peak is that of one buffer, as without
+// the cache; between calls one buffer stays resident until `empty_output_cache` (Python:
+// fusedloss.empty_cache()) or a call that needs another size.
+constexpr int64_t kReuseMinBytes = 16 << 20;
 Tensor new_2d_output(int64_t rows, int64_t classes, const at::TensorOptions& options);
+// Releases the cached buffer; returns the bytes released (0 if none or in use elsewhere).
+int64_t empty_output_cache();
 
 }  // namespace cpu
 }  // namespace fusedloss

@@ -10,7 +10,7 @@ from . import (
     _torch_backend,  # noqa: F401  (registers "torch")
 )
 from ._backend import available_backends, resolve_backend
-from ._native import check_errors
+from ._native import check_errors, empty_cache
 from .functional import (
     BCEOutput,
     CrossEntropyOutput,
@@ -59,6 +59,7 @@ __all__ = [
     "available_backends",
     "bootstrap_thresholds",
     "check_errors",
+    "empty_cache",
     "binary_cross_entropy_with_logits",
     "cross_entropy",
     "linear_binary_cross_entropy_with_logits",

@@ -155,3 +155,18 @@ def check_errors(device=None) -> None:
         return
     torch.cuda.synchronize(device)
     torch.ops.fusedloss_cuda.raise_pending_error()
+
+
+def empty_cache() -> int:
+    """Release the large CPU output buffer the native kernels keep for reuse; return its bytes.
+
+    The native CPU ops keep their last gradient-sized output (16 MiB or more) in a one-slot cache
+    and hand it to the next call of a size that fits, once nothing references it any more: a
+    fresh buffer's pages are zeroed by the kernel first, which costs more than the fused pass
+    itself writes. A call's peak memory is unchanged; between calls that one buffer stays
+    resident. This frees it (0 when nothing is cached, or the buffer is still in use and is merely
+    forgotten). Like torch.cuda.empty_cache, it is never needed for correctness.
+    """
+    if loaded_cpu_isa is None:
+        return 0
+    return int(torch.ops.fusedloss_cpu.empty_output_cache())
