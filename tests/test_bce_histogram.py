@@ -235,3 +235,22 @@ def test_native_cpu_counts_past_16_bits():
         torch.set_num_threads(threads)
     assert h.counts[1, 0].sum() == rows and h.counts[1, 0, 35] == rows  # 0.3 in (0.25, 0.375]
     assert torch.equal(h.counts, _oracle(x, y, bins=64, range=(-4.0, 4.0)))
+
+
+def test_native_cpu_strips_count_past_16_bits():
+    """Past 5 MiB of 16-bit table the native CPU pass bins strips of classes in a pass of its
+    own (65536 bins: 256 KiB a class, so 21 classes are two strips of 16 and 5), flushing every
+    65535 rows there too: 66000 rows must all be counted. Class 0 holds one value, so its cell
+    is 66000 by hand; every class is checked against the oracle."""
+    rows, classes = 66_000, 21
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(rows, classes, generator=g) * 3
+    x[:, 0] = 0.3
+    y = (torch.rand(rows, classes, generator=g) < 0.5).to(torch.uint8)
+    y[:, 0] = 1
+    opts = dict(bins=65536, range=(-16.0, 16.0))
+    h = ThresholdHistogram(classes, **opts, device="cpu")
+    _fused(_backend.get("native", "cpu").ops, x, y, h.edges, h.counts)
+    # 0.3 = -16 + 16.3, bins of 1/2048: in (e_33382, e_33383], bin 33383 (exact in float32)
+    assert h.counts[1, 0].sum() == rows and h.counts[1, 0, 33383] == rows
+    assert torch.equal(h.counts, _oracle(x, y, **opts))
