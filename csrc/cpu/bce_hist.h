@@ -10,12 +10,12 @@
 // ~1e-4 for 1024 bins over (-16, 16)) and for edges that are not equal-width (eps >= 1/4),
 // b comes from a binary search over the edges. Both give the exact answer.
 //
-// Accumulation: a task of rows bins into a 16-bit table (2, classes, B + 2) that stays in cache:
-// of all the classes, row by row in the forward's own order, when that table is small enough
-// (kHistRowTableBytes in sigmoid_bce.cpp); otherwise of a strip of classes at a time, each swept
-// over all the task's rows. The table is added into the output every kFlushRows rows (a cell
-// gains at most 1 per row, so 16 bits never overflow) and at the end, under a lock when several
-// tasks share the output (integer sums: deterministic).
+// Accumulation: into a task's 16-bit table (2, classes, B + 2) that stays in cache: a task of
+// rows bins all the classes, row by row in the forward's own order, when that table is small
+// enough (kHistRowTableBytes in sigmoid_bce.cpp); otherwise a task owns strips of classes and
+// sweeps each over all the rows. The table is added into the output every kFlushRows rows (a
+// cell gains at most 1 per row, so 16 bits never overflow) and at the end, under a lock when
+// several tasks share the output (integer sums: deterministic).
 #pragma once
 
 #include <algorithm>
@@ -113,16 +113,16 @@ void hist_block(const HistBinner<acc>& hb, const acc* x, const acc* y, int64_t n
   constexpr int64_t V = Vec::size();
   const int64_t nb = t.nb, pos_off = t.cols * nb;
   uint16_t* cells = t.cells.data() + k0 * nb;  // cell indices below are relative to column k0
+  auto add_searched = [&](int64_t i) {  // element i by the binary search; NaN is left out
+    if (!std::isnan(x[i])) ++cells[i * nb + hb.bin(x[i]) + (y[i] > acc(0.5) ? pos_off : 0)];
+  };
   const bool vector_cells = hb.uniform && 2 * pos_off < (int64_t(1) << 24);
   if (!vector_cells) {
-    for (int64_t i = 0; i < n; ++i) {
-      if (!std::isnan(x[i])) ++cells[i * nb + hb.bin(x[i]) + (y[i] > acc(0.5) ? pos_off : 0)];
-    }
+    for (int64_t i = 0; i < n; ++i) add_searched(i);
     return;
   }
   const Vec zero(0), one(1), half(0.5), lo(hb.lo), scale(hb.scale), eps(hb.eps),
       last(acc(hb.n_edges)), vpos{acc(pos_off)}, step{acc(V * nb)};
-  constexpr int all_lanes = (1 << V) - 1;
   Vec col = Vec::arange(acc(0), acc(1)) * Vec(acc(nb));  // (i + lane) * nb
   int special = 0;  // lanes that need a search or are NaN
   for (int64_t i = 0; i < n; i += V, col += step) {
@@ -135,7 +135,7 @@ void hist_block(const HistBinner<acc>& hb, const acc* x, const acc* y, int64_t n
     const Vec b = at::vec::minimum(at::vec::maximum(tt.floor() + one, zero), last);
     const Vec cell = b + col + ((yv > half) & vpos);
     at::vec::convert_to_int_of_same_size(cell).store(codes + i, k);
-    special |= sure.zero_mask() & ((1 << k) - 1) & all_lanes;
+    special |= sure.zero_mask() & ((1 << k) - 1);
   }
   if (!special) {
     for (int64_t i = 0; i < n; ++i) ++cells[codes[i]];
@@ -147,11 +147,10 @@ void hist_block(const HistBinner<acc>& hb, const acc* x, const acc* y, int64_t n
     const Vec xv = Vec::loadu(x + i, k), tt = (xv - lo) * scale;
     const int unsure = ((tt - tt.round()).abs() > eps).zero_mask() & ((1 << k) - 1);
     for (int64_t q = 0; q < k; ++q) {
-      const int64_t c = i + q;
-      if (!(unsure >> q & 1)) {
-        ++cells[codes[c]];
-      } else if (!std::isnan(x[c])) {
-        ++cells[c * nb + hb.bin(x[c]) + (y[c] > acc(0.5) ? pos_off : 0)];
+      if (unsure >> q & 1) {
+        add_searched(i + q);
+      } else {
+        ++cells[codes[i + q]];
       }
     }
   }
