@@ -61,6 +61,33 @@ def test_bad_arguments_name_the_argument():
             fn()
 
 
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("C", [256, 37, 3000])
+def test_bce_plain_loop_matches_general_loop_and_torch(dt, C):
+    # Without weight/pos_weight the CPU forward takes a loop with no per-element options
+    # (bce_block_plain); a weight of ones takes the general loop, which multiplies by 1.0
+    # exactly, so loss and gradient must be bitwise the same. C = 37 and 3000 cover the masked
+    # tail and a row of several column blocks. Both are also checked against float64 torch.
+    g = torch.Generator().manual_seed(C)
+    x = (torch.randn(67, C, generator=g) * 5).to(dt)
+    y = torch.rand(67, C, generator=g) < 0.2
+    gs = torch.tensor(1.0 / x.numel(), dtype=F64)
+    for grad in (True, False):
+        plain = ops.sigmoid_bce_fwd(x, y, None, None, gs, None, True, grad, False, False)
+        general = ops.sigmoid_bce_fwd(x, y, torch.ones(1, C, dtype=dt).expand(67, C), None, gs,
+                                      None, True, grad, False, False)
+        assert torch.equal(plain[0], general[0])
+        if grad:
+            assert torch.equal(plain[1], general[1])
+    xd = x.double().requires_grad_()
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(xd, y.double(), reduction="none")
+    ref_grad, = torch.autograd.grad(ref.sum() * gs, xd)
+    loss_rows, grad = ops.sigmoid_bce_fwd(x, y, None, None, gs, None, True, True, False, False)[:2]
+    tol = dict(atol=2e-2, rtol=1e-2) if dt == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss_rows.double(), ref.sum(1), **tol)
+    torch.testing.assert_close(grad.double(), ref_grad, **tol)
+
+
 # ---------------------------------------------------------------------------------------------
 # ISA builds agree: each build runs in a subprocess (only one can register the CPU kernels).
 

@@ -106,6 +106,39 @@ struct BceBlock {
   int64_t out = 0;  // element offset of the block in the (R, C) outputs
 };
 
+// The common case of bce_block, with no per-element option to test in the loop: no weight,
+// pos_weight or incoming per-element gradient, the loss summed per row, no probabilities, and
+// the gradient (times grad_scale) when GRAD. The same operations as bce_block in the same order,
+// so the results are bitwise those of the general loop; only the per-vector tests of the options
+// are gone. On a 2-core AVX2 EPYC (65536x256 fp32, uint8 targets, medians of 15 side by side)
+// the op took 1.26-1.39x less time with the loss and gradient, 1.23-1.25x with the loss only, on
+// one thread and on two. Tried there and dropped: two vectors per step (slower), an Estrin
+// evaluation of log1p's series (within noise).
+template <typename scalar_t, bool GRAD>
+void bce_block_plain(const BceJob& j, const BceBlock<acc_type<scalar_t>>& b,
+                     Vectorized<acc_type<scalar_t>>& row_sum) {
+  using acc = acc_type<scalar_t>;
+  using Vec = Vectorized<acc>;
+  constexpr int64_t V = Vec::size();
+  const Vec zero(0), one(1), vg(static_cast<acc>(j.g));
+  scalar_t* g = static_cast<scalar_t*>(j.grad_out) + b.out;
+  Vec sum = row_sum;
+  auto step = [&](const Vec& x, const Vec& y, int64_t i, int64_t k) {
+    const Vec e = vexp(x.abs().neg());
+    const Vec l = bce_loss(x, y, one, e, false);
+    sum += k == V ? l : Vec::set(zero, l, k);
+    if constexpr (GRAD) {
+      const Vec rcp = one / (one + e);
+      const Vec sig = Vec::blendv(e * rcp, rcp, x >= zero);
+      vstore_as<scalar_t, acc>(g + i, (sig - y) * vg, k);
+    }
+  };
+  int64_t i = 0;
+  for (; i + V <= b.n; i += V) step(Vec::loadu(b.x + i), Vec::loadu(b.y + i), i, V);
+  if (i < b.n) step(vload(b.x + i, b.n - i), vload(b.y + i, b.n - i), i, b.n - i);
+  row_sum = sum;
+}
+
 // Loss, probabilities and gradient of one block; the row-sum loss is added to `row_sum`.
 template <typename scalar_t>
 void bce_block(const BceJob& j, const BceBlock<acc_type<scalar_t>>& b,
@@ -114,6 +147,14 @@ void bce_block(const BceJob& j, const BceBlock<acc_type<scalar_t>>& b,
   using Vec = Vectorized<acc>;
   constexpr int64_t V = Vec::size();
   const Vec zero(0), one(1), vg(static_cast<acc>(j.g));
+  if (j.loss_rows && !j.probs && b.w == nullptr && b.pw == nullptr && b.gl == nullptr) {
+    if (j.grad) {
+      bce_block_plain<scalar_t, true>(j, b, row_sum);
+    } else {
+      bce_block_plain<scalar_t, false>(j, b, row_sum);
+    }
+    return;
+  }
   for (int64_t i = 0; i < b.n; i += V) {
     const int64_t k = std::min(V, b.n - i), o = b.out + i;
     const Vec x = vload(b.x + i, k);
