@@ -109,11 +109,13 @@ struct BceBlock {
 // The common case of bce_block, with no per-element option to test in the loop: no weight,
 // pos_weight or incoming per-element gradient, the loss summed per row, no probabilities, and
 // the gradient (times grad_scale) when GRAD. The same operations as bce_block in the same order,
-// so the results are bitwise those of the general loop; only the per-vector tests of the options
-// are gone. On a 2-core AVX2 EPYC (65536x256 fp32, uint8 targets, medians of 15 side by side)
-// the op took 1.26-1.39x less time with the loss and gradient, 1.23-1.25x with the loss only, on
-// one thread and on two. Tried there and dropped: two vectors per step (slower), an Estrin
-// evaluation of log1p's series (within noise).
+// only without the per-vector tests of the options: the general loop with a weight of ones gives
+// bitwise the same loss and gradient (tested; the compiler may fuse a multiply and an add into
+// one FMA differently in the two loops, which the test would catch). On a 2-core AVX2 EPYC
+// (65536x256 fp32, uint8 targets, medians of 15 side by side) the op took 1.26-1.39x less time
+// with the loss and gradient, 1.23-1.25x with the loss only, on one thread and on two. Tried
+// there and dropped: two vectors per step (slower), an Estrin evaluation of log1p's series
+// (within noise), and the same loop for weight / pos_weight (no faster, under load).
 template <typename scalar_t, bool GRAD>
 void bce_block_plain(const BceJob& j, const BceBlock<acc_type<scalar_t>>& b,
                      Vectorized<acc_type<scalar_t>>& row_sum) {
