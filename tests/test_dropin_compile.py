@@ -75,3 +75,20 @@ def test_functional_dynamic_with_python_float_arguments(dev_backend, request):
 def test_ce_module_dynamic_fullgraph_inductor(device, request):
     backend = fusedloss.available_backends(device)[0]
     test_ce_module_dynamic_fullgraph((device, backend), request, compiler="inductor")
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_bce_fullgraph_with_and_without_grad(dev_backend, requires_grad):
+    # An evaluation loop: no input requires grad (fullgraph tracing of the BCE Function failed
+    # there, AttributeError on its config, while CE and requires_grad=True worked).
+    device, backend = dev_backend
+    x = torch.randn(4, 5, device=device, requires_grad=requires_grad)
+    y = torch.rand(4, 5, device=device)
+    pw = torch.linspace(0.5, 2.0, 5, device=device)
+    fn = _compile(lambda a, b: fusedloss.binary_cross_entropy_with_logits(
+        a, b, pos_weight=pw, backend=backend), device, backend, "aot_eager")
+    assert_close(fn(x, y), F.binary_cross_entropy_with_logits(x, y, pos_weight=pw),
+                 torch.float32)
+    with torch.no_grad():
+        m = _compile(fusedloss.BCEWithLogitsLoss(backend=backend), device, backend, "aot_eager")
+        assert_close(m(x, y), F.binary_cross_entropy_with_logits(x, y), torch.float32)

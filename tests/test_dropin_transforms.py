@@ -161,3 +161,48 @@ def test_forward_ad_in_target_and_weight(dev_backend):
             out = fn(x[0], fwAD.make_dual(y[0], yt), fwAD.make_dual(w, wt))
             results.append(fwAD.unpack_dual(out).tangent)
     assert_close(results[0], results[1], F32)
+
+
+@pytest.mark.parametrize("case", LOSSES, ids=IDS)
+def test_compiled_func_grad_and_per_sample_gradients(dev_backend, case):
+    # torch.compile inlines the Functions' forward inside torch.func transforms and
+    # differentiates the ops it calls; with the fused ops that gradient was silently zero.
+    device, backend = dev_backend
+    _, ours, theirs, = case
+    x, t, y, w = _data(device)
+    torch._dynamo.reset()
+    compiler = "aot_eager" if backend == "triton" and device == "cpu" else "inductor"
+    got = torch.compile(lambda a: grad(lambda s: ours(s, t[0], y[0], w, backend))(a),
+                        backend=compiler)(x[0])
+    want = grad(lambda a: theirs(a, t[0], y[0], w))(x[0])
+    assert_close(got, want, F32)
+    torch._dynamo.reset()
+    got = torch.compile(lambda a: vmap(grad(lambda s, tt, yy: ours(s, tt, yy, w, backend)))(
+        a, t, y), backend=compiler)(x)
+    want = vmap(grad(lambda s, tt, yy: theirs(s, tt, yy, w)))(x, t, y)
+    assert_close(got, want, F32)
+
+
+def test_all_rows_ignored_gives_zero_gradient_in_transforms(dev_backend):
+    # mean over no rows is NaN (as torch); its gradient is 0 in torch, also through the
+    # differentiable backward used by create_graph=True and torch.func (it was NaN there).
+    device, backend = dev_backend
+    x, _, _, w = _data(device)
+    ignored = torch.full((B, R), -100, device=device)
+    ignored[0, 0] = 1  # sample 0 has one counted row, the others none
+
+    def ours(s, tt):
+        return fusedloss.cross_entropy(s, tt, w, label_smoothing=0.1, backend=backend)
+
+    def theirs(s, tt):
+        return F.cross_entropy(s, tt, w, label_smoothing=0.1)
+
+    got = vmap(grad(ours))(x, ignored)
+    want = vmap(grad(theirs))(x, ignored)
+    assert bool(torch.isfinite(got).all())
+    assert_close(got, want, F32)
+    a = x[1].clone().requires_grad_()
+    g, = torch.autograd.grad(ours(a, ignored[1]), a, create_graph=True)
+    assert torch.equal(g.detach(), torch.zeros_like(g))
+    (g.square().sum() + ours(a, ignored[1]).nan_to_num()).backward()
+    assert torch.equal(a.grad, torch.zeros_like(a))

@@ -51,6 +51,7 @@ def ce_grads(logits: Tensor, target: Tensor, weight: Tensor | None, row_g: Tenso
     w = None if weight is None else weight.to(x.dtype)
     zsq = 2 * cfg.lse_square_scale * lse
     d_target = d_weight = None
+    ignored = None
     if target.dim() == logits.dim():
         y = target.to(x.dtype) * (1 - eps) + eps / num_classes
         wy = y if w is None else w * y
@@ -69,9 +70,13 @@ def ce_grads(logits: Tensor, target: Tensor, weight: Tensor | None, row_g: Tenso
         smooth = eps / num_classes * (1.0 if w is None else w)
         dz = p * (w_t.unsqueeze(-1) + eps / num_classes * w_sum + zsq) \
             - w_t.unsqueeze(-1) * onehot - smooth
-        dz = dz.masked_fill(ignored.unsqueeze(-1), 0.0)
     if cfg.softcap:
         dz = dz * (1 - (z / cfg.softcap).square())
+    if ignored is not None:
+        # An ignored row's scale is 0, not the mean's 1/0 = NaN when every row is ignored: the
+        # gradient is then 0 and so is its own gradient (0 * NaN would be NaN in both).
+        dz = dz.masked_fill(ignored.unsqueeze(-1), 0.0)
+        row_g = row_g.masked_fill(ignored.unsqueeze(-1), 0.0)
     d_logits = dz * row_g if need[0] else None
     return d_logits, d_target, d_weight
 

@@ -172,7 +172,7 @@ def _ce_logits_grad(ctx, grad_out, logits, target, weight, grad_scale):
 class SigmoidBCEFunction(torch.autograd.Function):
     @staticmethod
     def forward(logits: Tensor, target: Tensor, weight, pos_weight, grad_scale, threshold,
-                cfg: BCEConfig, hist=None):
+                cfg: BCEConfig, hist):
         # hist: None or (edges, counts) of a ThresholdHistogram, counts added to in place
         ops = _ops(cfg.backend, logits.device)
         loss, grad, labels, probs, counts = ops.sigmoid_bce_fwd(
@@ -216,7 +216,7 @@ class SigmoidBCEFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, pos_weight, grad_scale, threshold, cfg,
-             hist=None):
+             hist):
         if hist is not None:
             raise RuntimeError("histogram= is not supported under torch.func.vmap: the "
                                "histogram is state added to in place")
@@ -265,8 +265,20 @@ def _forward_ad_possible() -> bool:
         functorch_active() or torch.autograd.forward_ad._current_level >= 0)
 
 
+def _traced_under_functorch() -> bool:
+    """torch.compile tracing a torch.func transform (compile(grad(f)), compile(vmap(grad(f)))):
+    there dynamo inlines the Functions' forward and differentiates the ops it calls, so their
+    backward is not used (the fused ops have no autograd formula: the gradient was silently
+    zero), and it cannot vmap the Function it makes of them. So the forward runs as plain code
+    on the torch backend, whose ops are differentiable and batchable torch ops."""
+    return torch.compiler.is_compiling() and functorch_active()
+
+
 def ce_apply(logits, target, weight, grad_scale, cfg: CEConfig):
     """SoftmaxCrossEntropyFunction.apply, with forward-mode AD support where it may be used."""
+    if _traced_under_functorch():
+        cfg = cfg._replace(backend="torch", fused_grad=False, inplace=False)
+        return SoftmaxCrossEntropyFunction.forward(logits, target, weight, grad_scale, cfg)
     fn = SoftmaxCrossEntropyJvpFunction if _forward_ad_possible() else \
         SoftmaxCrossEntropyFunction
     return fn.apply(logits, target, weight, grad_scale, cfg)
@@ -276,6 +288,11 @@ def bce_apply(logits, target, weight, pos_weight, grad_scale, threshold, cfg: BC
               hist=None):
     """SigmoidBCEFunction.apply, with forward-mode AD support where it may be used; `hist`:
     None or a ThresholdHistogram's (edges, counts), added to by the same pass."""
+    if _traced_under_functorch():
+        cfg = cfg._replace(backend="torch", fused_grad=False)
+        return SigmoidBCEFunction.forward(logits, target, weight, pos_weight, grad_scale,
+                                          threshold, cfg, hist)
     fn = SigmoidBCEJvpFunction if _forward_ad_possible() else SigmoidBCEFunction
-    extra = () if hist is None else (hist,)
-    return fn.apply(logits, target, weight, pos_weight, grad_scale, threshold, cfg, *extra)
+    # hist is always passed: while forward had it as a defaulted parameter, torch.compile
+    # (fullgraph) failed to trace it when no input required grad (AttributeError on cfg.backend).
+    return fn.apply(logits, target, weight, pos_weight, grad_scale, threshold, cfg, hist)
