@@ -182,3 +182,57 @@ def test_torchscript_gives_a_clear_error(dev_backend):
             torch.jit.script(ours)
         with pytest.raises(RuntimeError, match="TorchScript"):
             torch.jit.script(torch.nn.Sequential(torch.nn.Identity(), ours))
+
+
+def _raised(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 (the type is what is compared)
+        return type(e)
+    return None
+
+
+BAD_TARGETS = [  # (id, input, target): torch checks the batch size before the dtype and rank
+    ("probability target, short batch", lambda x: x, lambda x: x.softmax(1)[:3]),
+    ("index target (2, 2) for 4 rows", lambda x: x, lambda x: torch.zeros(2, 2, dtype=torch.long,
+                                                                            device=x.device)),
+    ("(C,) input, (1, 1) target", lambda x: x[0], lambda x: torch.ones(1, 1, dtype=torch.long,
+                                                                        device=x.device)),
+    ("(C,) input, 3 targets", lambda x: x[0], lambda x: torch.ones(3, dtype=torch.long,
+                                                                   device=x.device)),
+]
+
+
+@pytest.mark.parametrize("case", BAD_TARGETS, ids=[c[0] for c in BAD_TARGETS])
+def test_bad_target_raises_torchs_exception_type(dev_backend, case):
+    device, backend = dev_backend
+    _, make_x, make_t = case
+    x = _x(device)
+    want = _raised(lambda: F.cross_entropy(make_x(x), make_t(x)))
+    assert want is not None
+    assert _raised(lambda: fusedloss.cross_entropy(make_x(x), make_t(x), backend=backend)) is want
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_unbatched_input_with_one_element_target(dev_backend, reduction):
+    # a (C,) input with a (1,) target gives a 0-d loss in torch, as with a () target
+    device, backend = dev_backend
+    x = _x(device)[0]
+    t = torch.tensor([2], device=device)
+    got = fusedloss.cross_entropy(x, t, reduction=reduction, backend=backend)
+    want = F.cross_entropy(x, t, reduction=reduction)
+    assert got.shape == want.shape == ()
+    assert_close(got, want, torch.float32)
+
+
+def test_module_weight_must_be_a_tensor():
+    for cls, theirs in ((fusedloss.CrossEntropyLoss, torch.nn.CrossEntropyLoss),
+                        (fusedloss.BCEWithLogitsLoss, torch.nn.BCEWithLogitsLoss)):
+        with pytest.raises(TypeError):
+            theirs(weight=[1.0] * C)
+        with pytest.raises(TypeError, match="weight must be a Tensor or None, got list"):
+            cls(weight=[1.0] * C)
+    with pytest.raises(TypeError):
+        torch.nn.BCEWithLogitsLoss(pos_weight=[1.0] * C)
+    with pytest.raises(TypeError, match="pos_weight must be a Tensor or None, got list"):
+        fusedloss.BCEWithLogitsLoss(pos_weight=[1.0] * C)

@@ -42,16 +42,25 @@ def ce_views(input: Tensor, target: Tensor, ignore_index: int):
         shape = input.shape[:1] + input.shape[2:]
         return (rows(input.movedim(1, -1).reshape(-1, c)),
                 rows(target.movedim(1, -1).reshape(-1, c)), shape, True)
+    # torch's order of checks (so the same bad call raises the same exception type): the batch
+    # size first, then the dtype, then the target's rank.
+    if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        raise ValueError(f"Expected input batch_size ({input.shape[0]}) to match target "
+                         f"batch_size ({target.shape[0]}) (target)")
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError("expected target dtype to be Long or Byte, but got "
                            f"{dtype_name(target.dtype)} (target)")
     if input.dim() == 0:
         raise ValueError("input must have a class dimension, got a 0-d tensor")
     if input.dim() == 1:
-        if target.dim() > 1 or target.numel() != 1:
+        if target.dim() > 1:
+            raise RuntimeError("0D or 1D target tensor expected, multi-target not supported "
+                               f"(target.shape={tuple(target.shape)})")
+        if target.numel() != 1:
             raise ValueError(f"Expected input batch_size (1) to match target batch_size "
                              f"({target.numel()}) (input is a single (C,) sample)")
-        return rows(input.unsqueeze(0)), target.reshape(1).long(), target.shape, False
+        # an unbatched (C,) input gives a 0-d loss, for a () or a (1,) target alike (as torch)
+        return rows(input.unsqueeze(0)), target.reshape(1).long(), (), False
     _check_index_target_shape(input, target)
     c = input.shape[1]
     x2 = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, c)

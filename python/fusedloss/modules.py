@@ -22,6 +22,8 @@ class _NotScriptable:
 
 def _check_weight_once(name: str, value: Tensor | None) -> None:
     # One check at construction, on any device (a sync here is off the hot path).
+    if value is not None and not isinstance(value, Tensor):  # torch: TypeError from the buffer
+        raise TypeError(f"{name} must be a Tensor or None, got {type(value).__name__}")
     if value is not None and value.numel() and bool(torch.isnan(value).any()):
         raise ValueError(f"{name} contains NaN")
 
