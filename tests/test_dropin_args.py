@@ -236,3 +236,28 @@ def test_module_weight_must_be_a_tensor():
         torch.nn.BCEWithLogitsLoss(pos_weight=[1.0] * C)
     with pytest.raises(TypeError, match="pos_weight must be a Tensor or None, got list"):
         fusedloss.BCEWithLogitsLoss(pos_weight=[1.0] * C)
+
+
+@pytest.mark.parametrize("kw", [{}, {"reduction": "none"}, {"label_smoothing": 0.1},
+                                {"weight": "w"}, {"probability_target": True}],
+                         ids=["mean", "none", "smoothing", "weight", "probabilities"])
+def test_meta_tensors_propagate_shapes(kw):
+    # Shape propagation on the meta device (no data), as torch's loss does it: backend="auto"
+    # resolves to the torch backend there, whose target-range check read the data (.item()).
+    kw = dict(kw)
+    x = torch.randn(R, C, device="meta", requires_grad=True)
+    t = torch.randint(0, C, (R,)).to("meta")
+    if kw.pop("probability_target", False):
+        t = torch.rand(R, C, device="meta")
+    if kw.get("weight") == "w":
+        kw["weight"] = torch.ones(C, device="meta")
+    got = fusedloss.cross_entropy(x, t, **kw)
+    want = F.cross_entropy(x, t, **kw)
+    assert (got.device.type, got.shape, got.dtype) == ("meta", want.shape, want.dtype)
+    g, = torch.autograd.grad(got.sum(), x)
+    assert (g.device.type, g.shape) == ("meta", x.shape)
+
+
+def test_nan_label_smoothing_says_nan():
+    with pytest.raises(ValueError, match="label_smoothing must be a number, got nan"):
+        fusedloss.cross_entropy(_x("cpu"), _t("cpu"), label_smoothing=float("nan"))

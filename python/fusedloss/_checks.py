@@ -101,7 +101,9 @@ def check_number(name: str, value, lo=-math.inf, hi=math.inf):
         raise TypeError(f"{name} must be a number (float), got {type(value).__name__}: "
                         f"{value!r}")
     value = float(value)
-    if not (lo <= value <= hi) or math.isnan(value):
+    if math.isnan(value):
+        raise ValueError(f"{name} must be a number, got nan")
+    if not (lo <= value <= hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
 

@@ -36,9 +36,10 @@ def check_target_range(target: Tensor, ignore_index: int, num_classes: int) -> N
     """Raise IndexError (as torch's nll_loss does) for a class index outside [0, C).
 
     This is the reference backend: it may synchronise to raise a host exception. Under
-    torch.compile the check is skipped (a data-dependent branch cannot be traced).
+    torch.compile the check is skipped (a data-dependent branch cannot be traced), and so it is
+    on the meta device (no data: shape propagation, as torch's loss runs there).
     """
-    if target.numel() == 0 or torch.compiler.is_compiling():
+    if target.numel() == 0 or torch.compiler.is_compiling() or target.device.type == "meta":
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
