@@ -79,7 +79,7 @@ def test_bce_plain_loop_matches_general_loop_and_torch(dt, C):
         assert torch.equal(plain[0], general[0])
         if grad:
             assert torch.equal(plain[1], general[1])
-    xd = x.double().requires_grad_()
+    xd = x.to(F64, copy=True).requires_grad_()
     ref = torch.nn.functional.binary_cross_entropy_with_logits(xd, y.double(), reduction="none")
     ref_grad, = torch.autograd.grad(ref.sum() * gs, xd)
     loss_rows, grad = ops.sigmoid_bce_fwd(x, y, None, None, gs, None, True, True, False, False)[:2]
@@ -141,3 +141,28 @@ def test_isa_builds_agree():
             for a, b in zip(outs, base[dt], strict=True):
                 torch.testing.assert_close(torch.tensor(a), torch.tensor(b), equal_nan=True,
                                            **tol)
+
+
+def test_loss_ops_refuse_to_be_differentiated_directly():
+    # The ops have no autograd formula (the Functions compute the gradient): with grad mode on
+    # and an input that requires grad, autograd would give a zero gradient, so they raise.
+    x = torch.randn(3, 5, requires_grad=True)
+    t = torch.tensor([0, 4, 2])
+    with pytest.raises(RuntimeError, match="softmax_ce_fwd: an input requires grad"):
+        ops.softmax_ce_fwd(x, t, None, None, -100, 0.0, 0.0, 0.0, False, False)
+    with pytest.raises(RuntimeError, match="sigmoid_bce_fwd: an input requires grad"):
+        ops.sigmoid_bce_fwd(x, t[:, None] == torch.arange(5), None, None, None, None, True,
+                            False, False, False)
+    with pytest.raises(RuntimeError, match="softmax_ce_bwd: an input requires grad"):
+        ops.softmax_ce_bwd(torch.ones(3), x, t, None, -100, 0.0, 0.0, 0.0)
+    with torch.no_grad():  # the same calls are fine without grad mode
+        loss = ops.softmax_ce_fwd(x, t, None, None, -100, 0.0, 0.0, 0.0, False, False)[0]
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x.detach(), t,
+                                                                       reduction="none"))
+    pred, _ = ops.softmax_decode(x, 0.0)  # decodings are not differentiable: not guarded
+    assert torch.equal(pred, x.detach().argmax(1))
+    loss = fusedloss.cross_entropy(x, t)  # the functional differentiates it
+    g, = torch.autograd.grad(loss, x)
+    xr = x.detach().requires_grad_()
+    g_ref, = torch.autograd.grad(torch.nn.functional.cross_entropy(xr, t), xr)
+    torch.testing.assert_close(g, g_ref)

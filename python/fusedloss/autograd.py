@@ -267,10 +267,11 @@ def _forward_ad_possible() -> bool:
 
 def _traced_under_functorch() -> bool:
     """torch.compile tracing a torch.func transform (compile(grad(f)), compile(vmap(grad(f)))):
-    there dynamo inlines the Functions' forward and differentiates the ops it calls, so their
-    backward is not used (the fused ops have no autograd formula: the gradient was silently
-    zero), and it cannot vmap the Function it makes of them. So the forward runs as plain code
-    on the torch backend, whose ops are differentiable and batchable torch ops."""
+    there dynamo inlined the Functions' forward and differentiated the ops it calls, so their
+    backward was not used (the fused ops have no autograd formula: the gradient was silently
+    zero; the ops' Autograd guard in csrc/ops.cpp now raises instead), and it could not vmap the
+    Function it made of them. So the forward runs as plain code on the torch backend, whose ops
+    are differentiable and batchable torch ops."""
     return torch.compiler.is_compiling() and functorch_active()
 
 
