@@ -1,8 +1,9 @@
 // fusedloss op schemas: the one contract the native (CPU, CUDA) and Triton backends implement.
 // Schemas and the Autograd-key guard below live here; kernels register with
-// TORCH_LIBRARY_IMPL(fusedloss, CPU|CUDA) in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu. The Triton backend registers the same schemas under
-// the namespace `fusedloss_triton` (python/fusedloss/_triton.py); the pure-PyTorch backend
-// implements the same signatures in python/fusedloss/_torch_backend.py. Semantics: docs/OPS.md.
+// TORCH_LIBRARY_IMPL(fusedloss, CPU|CUDA) in csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu. The Triton
+// backend registers the same schemas under the namespace `fusedloss_triton`
+// (python/fusedloss/_triton.py); the pure-PyTorch backend implements the same signatures in
+// python/fusedloss/_torch_backend.py. Semantics: docs/OPS.md.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
 #include <torch/library.h>
