@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Cost of the threshold histogram in the fused BCE pass (`python benchmarks/run.py --profile
-hist [--cases R1xC1,R2xC2] [--bins N] [--rounds K]`).
+hist [--cases R1xC1,R2xC2] [--bins N] [--rounds K] [--threads T] [--stat median|min]`).
 
 For each (rows, classes) shape, fp32 logits and uint8 multi-hot targets, fusedloss's
 binary_cross_entropy_with_logits is timed side by side, in rounds in which every variant runs
@@ -11,13 +11,16 @@ once in turn (so machine noise hits all alike):
                user without the fused histogram does: a second pass over the logits);
   train, train+hist   the training forward (the fused gradient is computed too), without and
                with the histogram.
-Reported: the median per variant and the ratios fwd+hist / fwd and train+hist / train (the
-histogram's overhead; the target is at most 1.15 on the CPU).
+Reported: the median (or the fastest, `--stat min`: steadier on a shared machine) per variant
+and the ratios fwd+hist / fwd and train+hist / train (the histogram's overhead; the target is
+at most 1.15 on the CPU). `--threads` sets torch's CPU threads. The cost floor of counting
+itself, one 16-bit increment per element, is measured by benchmarks/increment_floor.cpp.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -67,18 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cases", help="comma-separated ROWSxCLASSES shapes")
     p.add_argument("--bins", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own)")
+    p.add_argument("--stat", choices=["median", "min"], default="median")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cases = args.cases.split(",") if args.cases else DEFAULT_CASES[device.type]
     print(f"histogram in the fused BCE pass, {device.type}, {torch.get_num_threads()} threads, "
-          f"fp32 logits, uint8 targets, {args.bins} bins, median of {args.rounds} rounds")
+          f"fp32 logits, uint8 targets, {args.bins} bins, {args.stat} of {args.rounds} rounds")
     print("| shape | fwd ms | fwd+hist ms | fwd+update ms | train ms | train+hist ms | "
           "fwd+hist / fwd | train+hist / train |")
     print("|---|---|---|---|---|---|---|---|")
     for case in cases:
         rows, classes = (int(v) for v in case.split("x"))
         x, y = _inputs(rows, classes, device)
-        t = Timer(device).round_robin(variants(x, y, args.bins), args.rounds)
+        t = Timer(device).round_robin(variants(x, y, args.bins), args.rounds,
+                                      min if args.stat == "min" else statistics.median)
         ms = {k: v * 1e3 for k, v in t.items()}
         print(f"| {case} | {ms['fwd']:.2f} | {ms['fwd+hist']:.2f} | {ms['fwd+update']:.2f} | "
               f"{ms['train']:.2f} | {ms['train+hist']:.2f} | {t['fwd+hist'] / t['fwd']:.3f} | "

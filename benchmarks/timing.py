@@ -79,9 +79,11 @@ class Timer:
         fn()
         return time.perf_counter() - t0
 
-    def round_robin(self, calls: dict[str, Callable[[], object]], rounds: int) -> dict:
-        """{name: median seconds} over `rounds` rounds in which every call runs once in turn
-        (after one untimed warm-up call each), so machine noise hits all of them alike."""
+    def round_robin(self, calls: dict[str, Callable[[], object]], rounds: int,
+                    reduce: Callable[[list[float]], float] = statistics.median) -> dict:
+        """{name: median seconds (or `reduce` of the times)} over `rounds` rounds in which every
+        call runs once in turn (after one untimed warm-up call each), so machine noise hits all
+        of them alike."""
         for fn in calls.values():
             fn()
         times: dict[str, list[float]] = {name: [] for name in calls}
@@ -89,7 +91,7 @@ class Timer:
             for name, fn in calls.items():
                 self.sync()
                 times[name].append(self.once(fn))
-        return {name: statistics.median(v) for name, v in times.items()}
+        return {name: reduce(v) for name, v in times.items()}
 
     def measure(self, fn: Callable[[], object], setup: Callable[[], None] | None = None, *,
                 warmup: int, min_reps: int, max_reps: int, budget_s: float) -> Stats:

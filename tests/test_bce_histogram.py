@@ -82,14 +82,27 @@ def test_fused_histogram_equals_oracle(dev_backend, case):
         assert torch.equal(a, b)
     _fused(ops, x, y, h.edges, h.counts, compute_grad=False, reduce_rows=False)
     assert torch.equal(h.counts.cpu(), 2 * expected)  # it adds
+    # the loss alone, summed per row (the native CPU pass's other inner loop)
+    loss_only = _fused(ops, x, y, h.edges, h.counts, compute_grad=False)
+    assert torch.equal(h.counts.cpu(), 3 * expected)
+    assert torch.equal(loss_only[0], _fused(ops, x, y, None, None, compute_grad=False)[0])
+
+
+# (-7.3, 5.1) / 1000 bins: widths that are not a power of two (the native CPU pass bins near
+# an edge by a margin); (-16, 16) / 1024 and (-4, 4) / 64: widths of a power of two, where it
+# maps every edge exactly onto an integer and takes the search only on an integer
+EDGE_RANGES = [dict(bins=1000, range=(-7.3, 5.1)), dict(bins=1024, range=(-16.0, 16.0)),
+               dict(bins=64, range=(-4.0, 4.0))]
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf logits: the loss is NaN
-def test_values_on_and_next_to_edges(dev_backend):
+@pytest.mark.parametrize("opts", EDGE_RANGES, ids=lambda o: f"{o['bins']}bins")
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "loss-only"])
+def test_values_on_and_next_to_edges(dev_backend, opts, grad):
     """Right-closed bins: a logit equal to an edge is in the bin below it, its float32
     neighbours on either side; the equal-width guess must not round them into the wrong bin."""
     device, backend = dev_backend
-    h = ThresholdHistogram(64, bins=1000, range=(-7.3, 5.1), device=device)
+    h = ThresholdHistogram(64, **opts, device=device)
     e = h.edges.cpu()
     x = torch.cat([e, torch.nextafter(e, torch.tensor(1e9)), torch.nextafter(e, torch.tensor(-1e9)),
                    torch.tensor([float("inf"), -float("inf"), 1e30, -1e30])])
@@ -97,8 +110,11 @@ def test_values_on_and_next_to_edges(dev_backend):
     # different slice of the values, the oracle bins each class on its own
     x = torch.cat([x, x[: (-x.numel()) % 64]]).reshape(-1, 64)
     y = (torch.arange(x.numel()).reshape(x.shape) % 3 == 0)
-    expected = _oracle(x, y, bins=1000, range=(-7.3, 5.1))
-    _fused(_backend.get(backend, device).ops, x.to(device), y.to(device), h.edges, h.counts)
+    x = torch.cat([x, x + 2.0 ** -12, x - 3.0 ** -9])  # off the grid, between two edges
+    y = torch.cat([y, y, ~y])
+    expected = _oracle(x, y, **opts)
+    _fused(_backend.get(backend, device).ops, x.to(device), y.to(device), h.edges, h.counts,
+           compute_grad=grad)
     assert torch.equal(h.counts.cpu(), expected)
 
 

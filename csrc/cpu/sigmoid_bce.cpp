@@ -29,7 +29,7 @@ namespace {
 // log1p(e) for e in [0, 1].
 // fp32: 2 atanh(s) with s = e / (2 + e) in [0, 1/3], as the odd series 2 (s + s^3/3 + ... +
 // s^15/15): the first omitted term is below 2^-28 of the sum, and the terms after 2s add at most
-// 4% of it, so the error is that of s (the division), about 1 ulp. One division and 7 FMAs,
+// 4% of it, so the error is that of s (the division), about 1 ulp. One division and 8 FMAs,
 // against a Sleef log plus a division for the fp64 form below: the BCE forward is
 // compute-bound on AVX2 machines, where that log was a quarter of its time (perf).
 // fp64: Goldberg's log(u) * e / (u - 1) with u = 1 + e, within a few ulp; u == 1 means
@@ -39,11 +39,14 @@ template <typename T>
 inline Vectorized<T> log1p_unit(const Vectorized<T>& e) {
   using Vec = Vectorized<T>;
   if constexpr (std::is_same_v<T, float>) {
-    const Vec sv = e / (Vec(2.0f) + e), s2 = sv * sv;
-    Vec q(1.0f / 15);
-    for (const float c : {1.0f / 13, 1.0f / 11, 1.0f / 9, 1.0f / 7, 1.0f / 5, 1.0f / 3}) {
-      q = at::vec::fmadd(q, s2, Vec(c));
-    }
+    const Vec sv = e / (Vec(2.0f) + e), s2 = sv * sv, s4 = s2 * s2;
+    // q = 1/3 + s2/5 + ... + s2^6/15 in Estrin's form: a dependency chain 3 operations deep
+    // after s2 instead of Horner's 6
+    const Vec q01 = at::vec::fmadd(Vec(1.0f / 5), s2, Vec(1.0f / 3));
+    const Vec q23 = at::vec::fmadd(Vec(1.0f / 9), s2, Vec(1.0f / 7));
+    const Vec q46 = at::vec::fmadd(Vec(1.0f / 15), s4,
+                                   at::vec::fmadd(Vec(1.0f / 13), s2, Vec(1.0f / 11)));
+    const Vec q = at::vec::fmadd(q46, s4 * s4, at::vec::fmadd(q23, s4, q01));
     const Vec t = sv + sv;
     return at::vec::fmadd(t * s2, q, t);
   } else {
@@ -114,8 +117,13 @@ struct BceBlock {
 // one FMA differently in the two loops, which the test would catch). On a 2-core AVX2 EPYC
 // (65536x256 fp32, uint8 targets, medians of 15 side by side) the op took 1.26-1.39x less time
 // with the loss and gradient, 1.23-1.25x with the loss only, on one thread and on two. Tried
-// there and dropped: two vectors per step (slower), an Estrin evaluation of log1p's series
-// (within noise), and the same loop for weight / pos_weight (no faster, under load).
+// there and dropped: two vectors per step (slower), and the same loop for weight / pos_weight
+// (no faster, under load). Estrin's form for log1p's series (log1p_unit) made the loss-only
+// loop 1.25-1.29x faster (28.5 -> 22.2 ms at 65536x256, 211-216 -> 164-165 ms at 4096x32768,
+// one thread, fastest of 9 side by side): that loop waits on its dependency chain (exp, the
+// division, the series), which Estrin's form shortens; the loop with the gradient has the
+// sigmoid's division to overlap and did not change. Forcing bce_loss inline as well made the
+// gradient's loop 8-11% slower, and was dropped.
 template <typename scalar_t, bool GRAD>
 void bce_block_plain(const BceJob& j, const BceBlock<acc_type<scalar_t>>& b,
                      Vectorized<acc_type<scalar_t>>& row_sum) {
@@ -250,9 +258,11 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, const BceSinks
   const bool need_y = j.loss_rows || j.loss_elem || j.grad || j.count || out.hist != nullptr;
   const bool elementwise = j.loss_rows || j.loss_elem || j.grad || j.probs;
   std::optional<HistTable> table;
+  std::optional<HistVectorBinner<acc>> vbinner;
   std::vector<at::vec::int_same_size_t<acc>> codes;
   if (out.hist != nullptr) {
     table.emplace(C, j.hist_n_edges);
+    vbinner.emplace(binner, *table);
     codes.resize(kBlock);
   }
   for (int64_t r = r0; r < r1; ++r) {
@@ -268,7 +278,7 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, const BceSinks
       if (j.gl.defined()) b.gl = j.gl.block<acc>(r, c0, b.n, buf.gl.data());
       if (elementwise) bce_block<scalar_t>(j, b, row_sum);
       if (j.labels) label_block<acc>(j, b, c0, C, out.cnt);
-      if (table) hist_block<acc>(binner, b.x, b.y, b.n, *table, c0, codes.data());
+      if (table) hist_block<acc>(*vbinner, b.x, b.y, b.n, *table, c0, codes.data());
     }
     if (j.loss_rows) static_cast<acc*>(j.loss_rows_out)[r] = hsum(row_sum);
     if (table && ++table->rows == kFlushRows) table->flush(out.hist, 0, C, C, out.hist_lock);
@@ -285,6 +295,7 @@ void hist_strips(const BceJob& j, int64_t R, int64_t C, int64_t c_begin, int64_t
   const HistBinner<acc> binner(j.hist_edges, j.hist_n_edges);
   const int64_t bc = hist_cols(j.hist_n_edges);
   HistTable table(bc, j.hist_n_edges);
+  const HistVectorBinner<acc> vbinner(binner, table);
   std::vector<acc> xb(bc), yb(bc);
   std::vector<at::vec::int_same_size_t<acc>> codes(bc);
   for (int64_t c0 = c_begin; c0 < c_end; c0 += bc) {
@@ -296,7 +307,7 @@ void hist_strips(const BceJob& j, int64_t R, int64_t C, int64_t c_begin, int64_t
       }
       const acc* x = j.x.block<acc>(r, c0, n, xb.data());
       const acc* y = j.y.block<acc>(r, c0, n, yb.data());
-      hist_block<acc>(binner, x, y, n, table, 0, codes.data());
+      hist_block<acc>(vbinner, x, y, n, table, 0, codes.data());
       if (++table.rows == kFlushRows) table.flush(hist, c0, n, C, nullptr);
     }
     table.flush(hist, c0, n, C, nullptr);
