@@ -112,6 +112,25 @@ def test_histogram_bins_are_right_closed():
     assert h.counts[1].sum().item() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.bool, torch.float32])
+def test_histogram_update_target_dtypes(dtype):
+    # uint8 and bool targets reach the fused pass as bytes (no conversion pass); each dtype's
+    # positives (integers > 0, floats > 0.5) are counted as such. One class, bins of width 1
+    # over (-2, 2): edges -2, -1, 0, 1, 2.
+    x = torch.tensor([[-1.5], [-0.5], [0.5], [0.5], [1.5], [3.0]])
+    raw = {torch.uint8: [0, 1, 2, 255, 0, 1], torch.int64: [0, 1, 2, 7, 0, 1],
+           torch.bool: [0, 1, 1, 1, 0, 1], torch.float32: [0.2, 0.7, 0.9, 1.0, 0.5, 0.51]}[dtype]
+    y = torch.tensor(raw).to(dtype).reshape(-1, 1)
+    h = ThresholdHistogram(1, bins=4, range=(-2.0, 2.0)).update(x, y)
+    # bins: 0: x <= -2, 1: (-2, -1], 2: (-1, 0], 3: (0, 1], 4: (1, 2], 5: x > 2
+    assert h.counts[0, 0].tolist() == [0, 1, 0, 0, 1, 0]  # -1.5 and 1.5 negative
+    assert h.counts[1, 0].tolist() == [0, 0, 1, 2, 0, 1]  # -0.5, 0.5, 0.5 and 3.0 positive
+    if dtype == torch.bool:  # a strided bool view is read in place too
+        wide = torch.cat([y, ~y], dim=1)
+        h2 = ThresholdHistogram(1, bins=4, range=(-2.0, 2.0)).update(x, wide[:, :1])
+        assert torch.equal(h2.counts, h.counts)
+
+
 def test_histogram_merge_and_dtypes():
     g = torch.Generator().manual_seed(4)
     x = torch.randn(64, 3, generator=g)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._core import TunedThresholds, _as_positive, _check_metric, _metric
+from ._core import TunedThresholds, _as_positive, _check_metric, _has_nan, _metric
 
 
 class ThresholdHistogram:
@@ -100,14 +100,14 @@ class ThresholdHistogram:
         if logits.dim() < 1 or logits.shape[-1] != self.num_classes:
             raise ValueError(f"logits must have shape (..., {self.num_classes}), got "
                              f"{tuple(logits.shape)}")
-        pos = _as_positive(targets, logits.shape)
+        pos = _as_positive(targets, logits.shape, keep_bytes=True)
         if self.counts is None:
             self._alloc(logits.device)
         if logits.device != self.counts.device or pos.device != self.counts.device:
             raise ValueError(f"logits ({logits.device}) and targets ({pos.device}) must be on the "
                              f"histogram's device {self.counts.device}")
         x = logits.detach().reshape(-1, self.num_classes)
-        if bool(torch.isnan(x).any()):
+        if _has_nan(x):
             raise ValueError("logits contains NaN")
         # Binned by the backend's fused BCE pass (its loss is discarded): bin index = number of
         # edges strictly below x (right-closed bins, see the docstring), compared in float32, or
