@@ -123,7 +123,7 @@ struct BceBlock {
 // one thread, fastest of 9 side by side): that loop waits on its dependency chain (exp, the
 // division, the series), which Estrin's form shortens; the loop with the gradient has the
 // sigmoid's division to overlap and did not change. Forcing bce_loss inline as well made the
-// gradient's loop 8-11% slower, and was dropped.
+// gradient's loop 6-12% slower, and was dropped.
 template <typename scalar_t, bool GRAD>
 void bce_block_plain(const BceJob& j, const BceBlock<acc_type<scalar_t>>& b,
                      Vectorized<acc_type<scalar_t>>& row_sum) {
