@@ -260,10 +260,12 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, const BceSinks
   std::optional<HistTable> table;
   std::optional<HistVectorBinner<acc>> vbinner;
   std::vector<at::vec::int_same_size_t<acc>> codes;
+  std::vector<int> masks;
   if (out.hist != nullptr) {
     table.emplace(C, j.hist_n_edges);
     vbinner.emplace(binner, *table);
     codes.resize(kBlock);
+    masks.resize(kBlock / Vec::size() + 1);
   }
   for (int64_t r = r0; r < r1; ++r) {
     Vec row_sum(0);
@@ -278,7 +280,9 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, const BceSinks
       if (j.gl.defined()) b.gl = j.gl.block<acc>(r, c0, b.n, buf.gl.data());
       if (elementwise) bce_block<scalar_t>(j, b, row_sum);
       if (j.labels) label_block<acc>(j, b, c0, C, out.cnt);
-      if (table) hist_block<acc>(*vbinner, b.x, b.y, b.n, *table, c0, codes.data());
+      if (table) {
+        hist_block<acc>(*vbinner, b.x, b.y, b.n, *table, c0, codes.data(), masks.data());
+      }
     }
     if (j.loss_rows) static_cast<acc*>(j.loss_rows_out)[r] = hsum(row_sum);
     if (table && ++table->rows == kFlushRows) table->flush(out.hist, 0, C, C, out.hist_lock);
@@ -298,6 +302,7 @@ void hist_strips(const BceJob& j, int64_t R, int64_t C, int64_t c_begin, int64_t
   const HistVectorBinner<acc> vbinner(binner, table);
   std::vector<acc> xb(bc), yb(bc);
   std::vector<at::vec::int_same_size_t<acc>> codes(bc);
+  std::vector<int> masks(bc / Vectorized<acc>::size() + 1);
   for (int64_t c0 = c_begin; c0 < c_end; c0 += bc) {
     const int64_t n = std::min(bc, c_end - c0);
     for (int64_t r = 0; r < R; ++r) {
@@ -307,7 +312,7 @@ void hist_strips(const BceJob& j, int64_t R, int64_t C, int64_t c_begin, int64_t
       }
       const acc* x = j.x.block<acc>(r, c0, n, xb.data());
       const acc* y = j.y.block<acc>(r, c0, n, yb.data());
-      hist_block<acc>(vbinner, x, y, n, table, 0, codes.data());
+      hist_block<acc>(vbinner, x, y, n, table, 0, codes.data(), masks.data());
       if (++table.rows == kFlushRows) table.flush(hist, c0, n, C, nullptr);
     }
     table.flush(hist, c0, n, C, nullptr);
