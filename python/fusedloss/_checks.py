@@ -118,4 +118,7 @@ def check_int(name: str, value):
         return int(value.item())
     if isinstance(value, (bool, Tensor)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be int, not {type(value).__name__} ({name}={value!r})")
+    if not -2**63 <= int(value) < 2**63:  # torch's int arguments are int64
+        raise ValueError(f"{name} must fit in int64, got {name}={int(value)} (overflow when "
+                         "unpacking long long)")
     return int(value)

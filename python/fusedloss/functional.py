@@ -205,6 +205,10 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
                               reduce, reduction, backend)
     x2, t2 = _views.bce_views(input, target)
     x2, t2, out_dtype = _promotion.bce_dtypes(x2, t2)
+    if reduction == "none" and not t2.is_floating_point() and out_dtype != x2.dtype:
+        # autocast runs the loss in fp32; for a bool/uint8 target the op's elementwise loss
+        # is in the logits' dtype, so read that target as fp32 to compute and store it in fp32
+        t2 = t2.to(out_dtype)
     w2 = _views.broadcast_view("weight", weight, input, x2)
     pw2 = _views.broadcast_view("pos_weight", pos_weight, input, x2)
     thr = _views.logit_threshold(threshold, logit_threshold, x2.shape[1], input.device)

@@ -8,6 +8,9 @@ reference: the logits are materialised and handed to the torch backend's loss.
 
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 import torch.nn.functional as tF
 from torch import Tensor, nn
@@ -15,6 +18,7 @@ from torch import Tensor, nn
 from . import _backend, _promotion, _views
 from . import functional as F
 from . import reference as ref
+from ._checks import functorch_active
 from ._reduction import mean_denominator
 from .linear_bce import LinearBCEFunction
 from .linear_ce import LinearCrossEntropyFunction
@@ -54,16 +58,23 @@ def _check_linear(input, linear_weight, linear_bias):
             raise RuntimeError(f"linear_bias.dtype ({linear_bias.dtype}) must match "
                                f"input.dtype ({input.dtype})")
         F._check_same_device("linear_bias", linear_bias, input)
-    return input.reshape(-1, hidden), linear_weight, linear_bias, input.shape[:-1], classes
+    rows = math.prod(input.shape[:-1])
+    return input.reshape(rows, hidden), linear_weight, linear_bias, input.shape[:-1], classes
 
 
 def _chunk_rows(chunk_size, x2: Tensor, classes: int, buffers: int = 1) -> int:
     if chunk_size is None:
         return default_chunk_rows(x2.shape[0], x2.shape[1], classes, x2.dtype, x2.device,
                                   buffers)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+    if isinstance(chunk_size, bool) or (isinstance(chunk_size, Tensor)
+                                        and chunk_size.dtype == torch.bool):
         raise TypeError(f"chunk_size must be a positive int or None, got "
                         f"{type(chunk_size).__name__} ({chunk_size!r})")
+    try:
+        chunk_size = operator.index(chunk_size)
+    except TypeError:
+        raise TypeError(f"chunk_size must be a positive int or None, got "
+                        f"{type(chunk_size).__name__} ({chunk_size!r})") from None
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size}")
     return chunk_size
@@ -80,15 +91,17 @@ def _ce_target(target, batch_shape, classes: int, ignore_index: int, dtype):
         if ignore_index != -100:
             raise RuntimeError("ignore_index is not supported for floating point target "
                                f"(ignore_index={ignore_index})")
-        t2 = target.reshape(-1, classes)
-        # the ops read a probability target in the logits' or the accumulation dtype
-        return t2 if t2.dtype in (dtype, ref.compute_dtype(dtype)) else \
-            t2.to(ref.compute_dtype(dtype)), True
+        t2 = target.reshape(math.prod(batch_shape), classes)
+        # the ops read a probability target in the logits' or the accumulation dtype, with
+        # unit stride along the classes
+        if t2.dtype not in (dtype, ref.compute_dtype(dtype)):
+            t2 = t2.to(ref.compute_dtype(dtype))
+        return F._rows(t2), True
     if target.dtype not in (torch.int64, torch.uint8):
         raise RuntimeError("expected target dtype to be Long or Byte (class indices) or "
                            f"floating point (probabilities), got {target.dtype} (target)")
     if target.shape != batch_shape:
-        raise RuntimeError(f"class-index target must have shape input.shape[:-1] = "
+        raise ValueError(f"class-index target must have shape input.shape[:-1] = "
                            f"{list(batch_shape)}, got {list(target.shape)}")
     return target.reshape(-1).long().contiguous(), False
 
@@ -102,14 +115,11 @@ def _ce_mean_scale(t2: Tensor, weight: Tensor | None, prob: bool, ignore_index: 
     return 1.0 / mean_denominator(t2, ignore_index, weight, acc)
 
 
-def _ce_options(reduction, label_smoothing, lse_square_scale, softcap):
+def _ce_options(reduction, ignore_index, label_smoothing, lse_square_scale, softcap):
+    """Validated (ignore_index, label_smoothing, lse_square_scale, softcap (0 = off)), with
+    cross_entropy's checks and error types (torch's)."""
     F._check_reduction(reduction)
-    ls = F._check_number("label_smoothing", label_smoothing, 0.0, 1.0)
-    s = F._check_number("lse_square_scale", lse_square_scale, 0.0)
-    cap = 0.0 if softcap is None else F._check_number("softcap", softcap, 0.0)
-    if softcap is not None and cap == 0.0:
-        raise ValueError("softcap must be > 0 (or None to disable), got 0.0")
-    return ls, s, cap
+    return F._ce_numbers(ignore_index, label_smoothing, lse_square_scale, softcap)
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
@@ -126,10 +136,11 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     """
     x2, linear_weight, linear_bias, batch_shape, classes = _check_linear(
         input, linear_weight, linear_bias)
-    ls, s, cap = _ce_options(reduction, label_smoothing, lse_square_scale, softcap)
+    ignore_index, ls, s, cap = _ce_options(reduction, ignore_index, label_smoothing,
+                                           lse_square_scale, softcap)
     b = _backend.get(backend, input.device)
     F._check_same_device("target", target, input)
-    t2, prob = _ce_target(target, batch_shape, classes, int(ignore_index), x2.dtype)
+    t2, prob = _ce_target(target, batch_shape, classes, ignore_index, x2.dtype)
     _views.check_class_weight(weight, linear_weight.t())  # .t(): (H, C), classes last
     out_dtype = _promotion.ce_result_dtype(x2.dtype, x2.device.type, target, weight, prob)
     chunk = _chunk_rows(chunk_size, x2, classes)
@@ -139,10 +150,12 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
                            "have requires_grad=True; detach it")
     # A class weight that needs its gradient (probability targets) takes the reference path:
     # the chunked ops compute no gradient for it, and autograd would silently give none.
-    if b.name == "torch" or (weight is not None and weight.requires_grad
-                             and torch.is_grad_enabled()):
+    # So do torch.func transforms (grad, vmap, jacrev...): the chunked autograd.Function has
+    # no vmap rule, while the backend's cross_entropy on the materialised logits has one.
+    if b.name == "torch" or functorch_active() or (weight is not None and weight.requires_grad
+                                                    and torch.is_grad_enabled()):
         logits = tF.linear(x2, linear_weight, linear_bias)
-        res = F.cross_entropy(logits, target.reshape(-1, classes) if prob else t2, weight,
+        res = F.cross_entropy(logits, target.reshape(t2.shape) if prob else t2, weight,
                               ignore_index=ignore_index,
                               reduction=reduction, label_smoothing=ls, backend=b.name,
                               lse_square_scale=s, softcap=softcap,
@@ -155,7 +168,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
         on = torch.is_grad_enabled()
         loss, pred, conf = LinearCrossEntropyFunction.apply(
             x2, linear_weight, linear_bias, t2, None if weight is None else weight.to(acc),
-            grad_scale, b.name, int(ignore_index), ls, s, cap, chunk, reduction,
+            grad_scale, b.name, ignore_index, ls, s, cap, chunk, reduction,
             on and x2.requires_grad, on and linear_weight.requires_grad,
             on and linear_bias is not None and linear_bias.requires_grad,
             on and prob and target.requires_grad, bool(return_decoding), out_dtype)
@@ -171,7 +184,7 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     return F.CrossEntropyOutput(loss, pred, conf, correct)
 
 
-def _bce_target(target, out_shape, dtype):
+def _bce_target(target, out_shape, dtype, reduction: str):
     """(t2 (N, C) unit stride along classes, result dtype of the loss)."""
     F._check_tensor("target", target)
     if tuple(target.shape) != tuple(out_shape):
@@ -187,8 +200,12 @@ def _bce_target(target, out_shape, dtype):
     if out_dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
             target.device.type):
         out_dtype = torch.float32  # autocast runs the loss in fp32, as torch's does
+        if reduction == "none" and not t.is_floating_point():
+            # the op gives an elementwise loss in the logits' dtype for a bool/uint8 target:
+            # read it as fp32, so that the loss is computed and stored in fp32
+            t = t.to(torch.float32)
     classes = out_shape[-1]
-    return F._rows(t.reshape(-1, classes)), out_dtype
+    return F._rows(t.reshape(math.prod(out_shape[:-1]), classes)), out_dtype
 
 
 def linear_binary_cross_entropy_with_logits(
@@ -213,19 +230,22 @@ def linear_binary_cross_entropy_with_logits(
     b = _backend.get(backend, input.device)
     F._check_same_device("target", target, input)
     out_shape = (*batch_shape, classes)
-    t2, out_dtype = _bce_target(target, out_shape, x2.dtype)
+    t2, out_dtype = _bce_target(target, out_shape, x2.dtype, reduction)
     like = x2.new_empty(()).expand(out_shape)  # shape/dtype/device only, no memory
-    w2 = F._broadcast_view("weight", weight, like, like.reshape(-1, classes))
-    pw2 = F._broadcast_view("pos_weight", pos_weight, like, like.reshape(-1, classes))
+    # weight / pos_weight in the logits' dtype, as torch's loss rounds them; under autocast
+    # torch runs the loss in fp32, so they stay fp32 (the accumulation dtype)
+    side = _promotion.autocast_dtype(x2, x2.device.type)
+    w2 = _views.broadcast_view("weight", weight, like, t2, dtype=side)
+    pw2 = _views.broadcast_view("pos_weight", pos_weight, like, t2, dtype=side)
     thr = F._logit_threshold(threshold, logit_threshold, classes, input.device)
     if return_counts and thr is None:
         raise ValueError("return_counts=True needs threshold= or logit_threshold=")
     chunk = _chunk_rows(chunk_size, x2, classes, buffers=2)  # logits and the op's gradient
-    if b.name == "torch":
+    if b.name == "torch" or functorch_active():  # torch.func: as in linear_cross_entropy
         logits = tF.linear(x2, linear_weight, linear_bias).reshape(out_shape)
         res = F.binary_cross_entropy_with_logits(
             logits, target, weight, reduction=reduction, pos_weight=pos_weight,
-            backend="torch", threshold=threshold, logit_threshold=logit_threshold,
+            backend=b.name, threshold=threshold, logit_threshold=logit_threshold,
             return_counts=return_counts, histogram=histogram)
         return res
     acc = ref.compute_dtype(x2.dtype)
@@ -260,7 +280,7 @@ class LinearCrossEntropyLoss(nn.Module):
                  softcap: float | None = None, return_decoding: bool = False,
                  chunk_size: int | None = None):
         super().__init__()
-        _ce_options(reduction, label_smoothing, lse_square_scale, softcap)
+        _ce_options(reduction, -100, label_smoothing, lse_square_scale, softcap)
         if weight is not None:
             F._check_tensor("weight", weight)
             if weight.numel() and bool(torch.isnan(weight).any()):

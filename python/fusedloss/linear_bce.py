@@ -80,6 +80,9 @@ def bce_fwd(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
         if need_op_grad:
             del z  # the buffer is free again; the op's gradient is g
             grads.add(i, j, g, x[i:j])
+        # drop this chunk's gradient before the next op call allocates the next one: held
+        # over, it was a third (rows, C) buffer at the peak
+        del g
     return (loss, *grads.result(x.dtype), g_target, labels, counts)
 
 
@@ -124,6 +127,7 @@ def bce_bwd_elems(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
                                     False)[1]
             g.mul_(gl if gl.dtype == g.dtype else gl.to(acc))
             grads.add(i, j, g, x[i:j])
+            del g  # before the next chunk's op allocates its own
     return (*grads.result(x.dtype), g_target)
 
 
