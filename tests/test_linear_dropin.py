@@ -199,3 +199,17 @@ def test_bce_chunk_loop_frees_each_op_gradient(monkeypatch, reduction):
                                                              backend="native", chunk_size=8)
     loss.sum().backward()
     assert len(alive) == 5 and len(seen) >= 5 and not any(seen)
+
+
+def test_meta_tensors_propagate_shapes():
+    # torch's loss(F.linear(...)) runs on the meta device; the autocast query raised there
+    x = torch.randn(6, 4, device="meta")
+    w = torch.randn(5, 4, device="meta")
+    t = torch.zeros(6, dtype=torch.long, device="meta")
+    for backend in ("auto", "torch"):
+        got = fusedloss.linear_cross_entropy(x, w, t, backend=backend, reduction="none")
+        assert got.device.type == "meta" and got.shape == tF.cross_entropy(
+            tF.linear(x, w), t, reduction="none").shape
+    y = torch.zeros(6, 5, device="meta")
+    got = fusedloss.linear_binary_cross_entropy_with_logits(x, w, y, reduction="none")
+    assert got.device.type == "meta" and got.shape == (6, 5)

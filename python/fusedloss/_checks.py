@@ -34,8 +34,36 @@ def functorch_active() -> bool:
 
 
 def eager() -> bool:
-    """May a check read tensor data (host sync, data-dependent branch)?"""
-    return not torch.compiler.is_compiling() and not functorch_active()
+    """May a check read tensor data (host sync, data-dependent branch)? Not while tracing:
+    torch.compile, torch.func transforms, or a FakeTensorMode (tensors with no data)."""
+    return not torch.compiler.is_compiling() and not functorch_active() \
+        and not _fake_mode_active()
+
+
+def has_data(t: Tensor) -> bool:
+    """Can `t`'s values be read now (not a meta or fake tensor, not while tracing)?"""
+    return eager() and not no_data(t)
+
+
+def no_data(t: Tensor) -> bool:
+    """A meta or fake tensor, or any tensor under an active FakeTensorMode: no values."""
+    return t.device.type == "meta" or _fake_mode_active() or _is_fake(t)
+
+
+def _fake_mode_active() -> bool:
+    """A FakeTensorMode, or make_fx's proxy tracing (torch.func.linearize, export): the
+    tensors seen may have no data to read."""
+    keys = torch._C._TorchDispatchModeKey
+    return torch._C._get_dispatch_mode(keys.FAKE) is not None or \
+        torch._C._get_dispatch_mode(keys.PROXY) is not None
+
+
+def _is_fake(t: Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return is_fake(t)
 
 
 def is_symbolic(value) -> bool:
@@ -61,10 +89,17 @@ def legacy_reduction(size_average, reduce, emit_warning: bool = True, stacklevel
     return "mean" if size_average else "sum"
 
 
-def check_reduction(reduction) -> None:
+def check_reduction(reduction) -> str:
+    """The reduction, validated; torch's deprecated 'elementwise_mean' is 'mean', with torch's
+    warning."""
+    if reduction == "elementwise_mean":
+        warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' "
+                      "instead.", stacklevel=3)
+        return "mean"
     if reduction not in REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction "
                          f"(reduction={reduction!r}; expected one of {REDUCTIONS})")
+    return reduction
 
 
 def check_tensor(name: str, value) -> None:

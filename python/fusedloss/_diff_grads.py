@@ -82,12 +82,20 @@ def ce_grads(logits: Tensor, target: Tensor, weight: Tensor | None, row_g: Tenso
 
 
 def bce_grads(logits: Tensor, target: Tensor, weight: Tensor | None,
-              pos_weight: Tensor | None, g: Tensor, need: tuple[bool, bool]):
-    """(d logits, d target) of sum g * loss in the accumulation dtype, g broadcastable to
-    logits' shape."""
+              pos_weight: Tensor | None, g: Tensor, need: tuple[bool, ...]):
+    """(d logits, d target, d weight, d pos_weight) of sum g * loss in the accumulation
+    dtype, g broadcastable to logits' shape; `need` has 2 or 4 flags (the last two: None
+    when the weight is absent or not asked for)."""
     x = logits.to(ref.compute_dtype(logits.dtype))
     y = target.to(x.dtype)
     g = g.to(x.dtype)
+    d_weight = d_pos_weight = None
+    if len(need) > 2 and need[2] and weight is not None:  # the unweighted elementwise loss
+        d_weight = ref.sigmoid_bce_elem(x, y, None, pos_weight) * g
+    if len(need) > 3 and need[3] and pos_weight is not None:  # d/dp: w y softplus(-x)
+        d_pos_weight = y * torch.nn.functional.softplus(-x) * g
+        if weight is not None:
+            d_pos_weight = d_pos_weight * weight.to(x.dtype)
     if weight is not None:
         g = g * weight.to(x.dtype)
     d_logits = d_target = None
@@ -102,6 +110,8 @@ def bce_grads(logits: Tensor, target: Tensor, weight: Tensor | None,
         dy = -x if pos_weight is None else \
             -x + (pos_weight.to(x.dtype) - 1) * F.softplus(-x)
         d_target = dy * g
+    if len(need) > 2:
+        return d_logits, d_target, d_weight, d_pos_weight
     return d_logits, d_target
 
 
@@ -138,11 +148,12 @@ def _nll(logits, cfg):
 
 
 def bce_jvp(logits, target, weight, pos_weight, grad_scale, cfg, tangents) -> Tensor:
-    dx, dt = tangents
+    dx, dt, dw, dpw = tangents
     ones = torch.ones((), dtype=ref.compute_dtype(logits.dtype), device=logits.device)
-    gx, gt = bce_grads(logits, target, weight, pos_weight, ones, (dx is not None,
-                                                                  dt is not None))
-    elem = _mul(gx, dx) + _mul(gt, dt)
+    gx, gt, gw, gpw = bce_grads(logits, target, weight, pos_weight, ones,
+                                (dx is not None, dt is not None, dw is not None,
+                                 dpw is not None))
+    elem = _mul(gx, dx) + _mul(gt, dt) + _mul(gw, dw) + _mul(gpw, dpw)
     elem = torch.as_tensor(elem, device=logits.device).expand(logits.shape)
     return _reduce_tangent(elem, cfg.reduction, grad_scale).to(cfg.out_dtype)
 

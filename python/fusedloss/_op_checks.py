@@ -19,6 +19,7 @@ import math
 import torch
 from torch import Tensor
 
+from ._checks import no_data
 from ._dtypes import acc_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -164,7 +165,8 @@ def check_histogram(op: str, edges: Tensor | None, counts: Tensor | None,
 def check_target_range(target: Tensor, ignore_index: int, num_classes: int) -> None:
     """IndexError (as torch's nll_loss) for a class index outside [0, C) on CPU tensors, where
     the check costs no device sync; skipped while tracing (a data-dependent branch)."""
-    if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling():
+    if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling() \
+            or no_data(target):
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):

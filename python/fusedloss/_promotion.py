@@ -20,12 +20,21 @@ from ._checks import dtype_name
 _LOW = (torch.float16, torch.bfloat16)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for a device autocast does not know
+    (meta: shape propagation), where torch's own query raises."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def autocast_dtype(t: Tensor | None, device_type: str) -> torch.dtype | None:
     """The dtype torch's autocast fp32 policy gives `t` (fp16/bf16 -> fp32 when autocast is on
     for its device; other dtypes are left alone)."""
     if t is None:
         return None
-    if t.dtype in _LOW and torch.is_autocast_enabled(device_type):
+    if t.dtype in _LOW and autocast_enabled(device_type):
         return torch.float32
     return t.dtype
 
@@ -53,7 +62,7 @@ def ce_result_dtype(x_dtype: torch.dtype, device_type: str, t2: Tensor,
     Class-index targets: the input's (autocast) dtype, and the weight must have it too, as
     torch requires. Probability targets: input, target and weight promoted together.
     """
-    x_dt = torch.float32 if (x_dtype in _LOW and torch.is_autocast_enabled(device_type)) \
+    x_dt = torch.float32 if (x_dtype in _LOW and autocast_enabled(device_type)) \
         else x_dtype
     w_dt = autocast_dtype(weight, device_type)
     if not prob:
@@ -80,7 +89,7 @@ def autocast_linear(*tensors):
     """Cast (input, weight, bias) as F.linear is cast under an enabled autocast: floating
     tensors other than fp64 go to the autocast dtype (None stays None)."""
     dev = tensors[0].device.type
-    if not torch.is_autocast_enabled(dev):
+    if not autocast_enabled(dev):
         return tensors
     dtype = torch.get_autocast_dtype(dev)
     return tuple(t.to(dtype) if t is not None and t.is_floating_point()

@@ -119,7 +119,11 @@ class TorchOps:
     @staticmethod
     def scale_grad_(grad, scale):
         checks.scale_grad_(grad, scale)
-        grad.mul_(scale.to(grad.dtype))
+        acc = ref.compute_dtype(grad.dtype)
+        if acc == grad.dtype:
+            grad.mul_(scale.to(grad.dtype))
+        else:  # in fp32, rounded once: a GradScaler's 65536 is inf in fp16
+            grad.copy_(grad.to(acc) * scale.to(acc))
 
 
 _backend.register(_backend.Backend(

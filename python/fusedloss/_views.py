@@ -13,7 +13,14 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
-from ._checks import check_no_nan, check_same_device, check_tensor, dtype_name, eager
+from ._checks import (
+    check_no_nan,
+    check_same_device,
+    check_tensor,
+    dtype_name,
+    eager,
+    functorch_active,
+)
 
 
 def rows(x: Tensor) -> Tensor:
@@ -21,7 +28,14 @@ def rows(x: Tensor) -> Tensor:
     r, c = x.shape
     if (c <= 1 or x.stride(1) == 1) and (r <= 1 or x.stride(0) >= max(c, 1)):
         return x
+    if x.numel() == 0:  # .contiguous() keeps an empty tensor's strides
+        return x.new_empty((r, c))
     return x.contiguous()
+
+
+def classes_last(x: Tensor) -> Tensor:
+    """(..., C) as (R, C): reshape(-1, C) also when there are no classes (C = 0)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def ce_views(input: Tensor, target: Tensor, ignore_index: int):
@@ -33,15 +47,14 @@ def ce_views(input: Tensor, target: Tensor, ignore_index: int):
         if input.dim() == 0:
             raise IndexError("Dimension specified as 1 but tensor has no dimensions "
                              "(input must have a class dimension)")
-        if ignore_index != -100:
+        if ignore_index >= 0:  # torch's check: a negative one is simply unused
             raise RuntimeError("ignore_index is not supported for floating point target "
                                f"(ignore_index={ignore_index})")
         if input.dim() == 1:
             return rows(input.unsqueeze(0)), rows(target.unsqueeze(0)), (), True
-        c = input.shape[1]
         shape = input.shape[:1] + input.shape[2:]
-        return (rows(input.movedim(1, -1).reshape(-1, c)),
-                rows(target.movedim(1, -1).reshape(-1, c)), shape, True)
+        return (rows(classes_last(input.movedim(1, -1))),
+                rows(classes_last(target.movedim(1, -1))), shape, True)
     # torch's order of checks (so the same bad call raises the same exception type): the batch
     # size first, then the dtype, then the target's rank.
     if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
@@ -62,8 +75,7 @@ def ce_views(input: Tensor, target: Tensor, ignore_index: int):
         # an unbatched (C,) input gives a 0-d loss, for a () or a (1,) target alike (as torch)
         return rows(input.unsqueeze(0)), target.reshape(1).long(), (), False
     _check_index_target_shape(input, target)
-    c = input.shape[1]
-    x2 = input if input.dim() == 2 else input.movedim(1, -1).reshape(-1, c)
+    x2 = input if input.dim() == 2 else classes_last(input.movedim(1, -1))
     return rows(x2), target.reshape(-1).long().contiguous(), target.shape, False
 
 
@@ -118,7 +130,8 @@ def broadcast_view(name: str, value: Tensor | None, input: Tensor, x2: Tensor,
         return None
     check_tensor(name, value)
     check_same_device(name, value, input)
-    if value.requires_grad and torch.is_grad_enabled():
+    if value.requires_grad and torch.is_grad_enabled() and not functorch_active():
+        # (torch.func differentiates torch's loss in weight / pos_weight, and so do we there)
         raise RuntimeError(f"binary_cross_entropy_with_logits is not differentiable with "
                            f"respect to argument '{name}' (as in torch): {name} cannot have "
                            "requires_grad=True; detach it")

@@ -14,6 +14,10 @@ Gradient strategy (docs/OPS.md):
   buffer as `.grad` instead of copying it.
 - A second backward through the same graph (retain_graph=True) recomputes the gradient from the
   saved inputs with the backward op (bitwise equal to the fused one), then scales it.
+- fp16 logits: no fused gradient. backward computes it with the backward op from the whole
+  scale (incoming gradient x 1/denominator, in fp32), rounded once as torch rounds it: a
+  GradScaler's 65536 times a gradient pre-scaled by 1/N and stored in fp16 had lost it to
+  fp16's subnormals (BCE mean 4096x512: relative error 6.7e-2 against torch's 2e-4).
 - "none": backward recomputes with the backward op, since the incoming gradient differs per row.
 - backward under create_graph=True, inside torch.func transforms, or for gradients the kernels do
   not produce (probability targets, class weights) uses _diff_grads: differentiable torch ops.
@@ -72,9 +76,24 @@ def _reduce(loss: Tensor, reduction: str, grad_scale: Tensor | None, out_dtype) 
     return (loss.sum() * grad_scale).to(out_dtype)  # grad_scale = 1 / denominator on device
 
 
-def _differentiable_backward() -> bool:
-    """Must backward build a differentiable gradient (see _diff_grads)?"""
-    return torch.is_grad_enabled() or functorch_active()
+def _differentiable_backward(grad_out: Tensor) -> bool:
+    """Must backward build a differentiable gradient (see _diff_grads)? Also for a batched
+    incoming gradient (autograd.grad(is_grads_batched=True), gradcheck's batched check): the
+    fused gradient's in-place scaling has no batching rule."""
+    return torch.is_grad_enabled() or functorch_active() or _legacy_batched(grad_out)
+
+
+def _legacy_batched(t: Tensor) -> bool:
+    # (not while torch.compile traces backward: dynamo cannot trace the query, and the legacy
+    # batching of is_grads_batched does not reach compiled code)
+    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return check is not None and not torch.compiler.is_compiling() and check(t)
+
+
+def _whole_scale(grad_out: Tensor, grad_scale: Tensor | None, logits: Tensor) -> Tensor:
+    """The incoming gradient times 1/denominator ("mean"), 0-dim in the accumulation dtype."""
+    g = grad_out.to(ref.compute_dtype(logits.dtype))
+    return g if grad_scale is None else g * grad_scale
 
 
 def _take_fused_grad(ctx) -> Tensor | None:
@@ -122,7 +141,7 @@ class SoftmaxCrossEntropyFunction(torch.autograd.Function):
         logits, target, weight, grad_scale = ctx.saved_tensors
         cfg = ctx.cfg
         need = tuple(ctx.needs_input_grad[:3])
-        if _differentiable_backward() or need[1] or need[2]:
+        if _differentiable_backward(grad_out) or need[1] or need[2]:
             _take_fused_grad(ctx)
             if cfg.inplace and cfg.fused_grad:  # the saved logits hold the gradient now
                 _raise_inplace_twice()
@@ -157,6 +176,9 @@ def _ce_logits_grad(ctx, grad_out, logits, target, weight, grad_scale):
     if cfg.reduction == "none":
         return ops.softmax_ce_bwd(grad_out, logits, target, weight, *cfg.op_args())
     grad = _take_fused_grad(ctx)
+    if grad is None and not cfg.fused_grad:  # fp16: the whole scale, one rounding
+        return ops.softmax_ce_bwd(_whole_scale(grad_out, grad_scale, logits).expand(
+            logits.shape[0]), logits, target, weight, *cfg.op_args())
     if grad is None:
         if cfg.inplace:
             _raise_inplace_twice()
@@ -202,17 +224,18 @@ class SigmoidBCEFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None, None
         logits, target, weight, pos_weight, grad_scale = ctx.saved_tensors
         cfg = ctx.cfg
-        need = tuple(ctx.needs_input_grad[:2])
-        if _differentiable_backward() or need[1]:
+        # weight / pos_weight need a gradient only inside torch.func transforms (eager torch
+        # and fusedloss refuse them with requires_grad), as torch.func gives one
+        need = tuple(ctx.needs_input_grad[:4])
+        if _differentiable_backward(grad_out) or any(need[1:]):
             _take_fused_grad(ctx)
             g = grad_out if cfg.reduction != "mean" else grad_out * grad_scale
-            d_logits, d_target = _cast_like(
+            grads = _cast_like(
                 _diff_grads.bce_grads(logits, target, weight, pos_weight, g, need),
-                (logits, target))
-        else:
-            d_logits, d_target = _bce_logits_grad(ctx, grad_out, logits, target, weight,
-                                                  pos_weight, grad_scale), None
-        return d_logits, d_target, None, None, None, None, None, None
+                (logits, target, weight, pos_weight))
+            return *grads, None, None, None, None
+        return _bce_logits_grad(ctx, grad_out, logits, target, weight, pos_weight,
+                                grad_scale), None, None, None, None, None, None, None
 
     @staticmethod
     def vmap(info, in_dims, logits, target, weight, pos_weight, grad_scale, threshold, cfg,
@@ -229,6 +252,9 @@ def _bce_logits_grad(ctx, grad_out, logits, target, weight, pos_weight, grad_sca
     if ctx.cfg.reduction == "none":
         return ops.sigmoid_bce_bwd(grad_out, logits, target, weight, pos_weight)
     grad = _take_fused_grad(ctx)
+    if grad is None and not ctx.cfg.fused_grad:  # fp16: the whole scale, one rounding
+        return ops.sigmoid_bce_bwd(_whole_scale(grad_out, grad_scale, logits).expand(
+            logits.shape), logits, target, weight, pos_weight)
     if grad is None:  # retain_graph=True second backward: recompute as the forward did
         g = torch.ones((), dtype=ref.compute_dtype(logits.dtype), device=logits.device) \
             if grad_scale is None else grad_scale
@@ -253,10 +279,10 @@ class SoftmaxCrossEntropyJvpFunction(SoftmaxCrossEntropyFunction):
 
 class SigmoidBCEJvpFunction(SigmoidBCEFunction):
     @staticmethod
-    def jvp(ctx, d_logits, d_target, _dw, _dpw, _ds, _dthr, _dcfg, _dhist=None):
+    def jvp(ctx, d_logits, d_target, d_weight, d_pos_weight, _ds, _dthr, _dcfg, _dhist=None):
         logits, target, weight, pos_weight, grad_scale = ctx.saved_tensors
         out = _diff_grads.bce_jvp(logits, target, weight, pos_weight, grad_scale, ctx.cfg,
-                                  (d_logits, d_target))
+                                  (d_logits, d_target, d_weight, d_pos_weight))
         return out, None, None, None, None
 
 

@@ -95,7 +95,7 @@ def _loss_args(op: str, input, target, size_average, reduce, reduction, backend)
     check_tensor("target", target)
     if size_average is not None or reduce is not None:
         reduction = legacy_reduction(size_average, reduce, stacklevel=4)
-    check_reduction(reduction)
+    reduction = check_reduction(reduction)
     check_floating_input("input", input, op)
     b = _backend.get(backend, input.device)
     check_same_device("target", target, input)
@@ -104,8 +104,11 @@ def _loss_args(op: str, input, target, size_average, reduce, reduction, backend)
 
 def _wants_fused_grad(reduction: str, input: Tensor, *others) -> bool:
     """Write the logits' gradient in the forward pass? Only when it is the one gradient
-    backward needs and backward is a plain one (not inside torch.func transforms)."""
+    backward needs and backward is a plain one (not inside torch.func transforms), and not for
+    fp16 logits: pre-scaled by 1/denominator and stored in fp16 it would be rounded twice and
+    fall into fp16's subnormals before a GradScaler's scale reaches it (autograd.py)."""
     return (reduction != "none" and torch.is_grad_enabled() and input.requires_grad
+            and input.dtype != torch.float16
             and not any(t is not None and t.requires_grad for t in others)
             and not functorch_active())
 
@@ -156,6 +159,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
     ignore_index, ls, s, cap = _ce_numbers(ignore_index, label_smoothing, lse_square_scale,
                                            softcap)
     x2, t2, shape, prob = _views.ce_views(input, target, ignore_index)
+    if x2.shape[1] == 0:  # no classes: the reference's empty sums (a kernel's lse is -inf)
+        b = _backend.get("torch", input.device)
     _views.check_class_weight(weight, x2)
     if weight is not None and not prob and weight.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("cross_entropy is not differentiable with respect to argument "
@@ -220,7 +225,7 @@ def binary_cross_entropy_with_logits(input: Tensor, target: Tensor,
                                 dtype=ref.compute_dtype(x2.dtype), device=input.device)
     hist = histogram_tensors(histogram, x2.shape[1], input.device)
     cfg = BCEConfig(backend=b.name, reduction=reduction,
-                    fused_grad=_wants_fused_grad(reduction, x2, t2),
+                    fused_grad=_wants_fused_grad(reduction, x2, t2, w2, pw2),
                     return_probs=bool(return_probs), count=bool(return_counts),
                     out_dtype=out_dtype)
     loss, labels, probs, counts = bce_apply(
@@ -255,8 +260,7 @@ def softmax_decode(logits: Tensor, *, softcap: float | None = None,
         raise ValueError("logits must have a class dimension (the last), got a 0-d tensor")
     cap = 0.0 if softcap is None else check_number("softcap", softcap, 0.0)
     b = _backend.get(backend, logits.device)
-    c = logits.shape[-1]
-    x2 = _views.rows(logits.detach().reshape(-1, c))  # decodings are not differentiable
+    x2 = _views.rows(_views.classes_last(logits.detach()))  # decodings: not differentiable
     pred, conf = b.ops.softmax_decode(x2, cap)
     return SoftmaxDecoding(pred.reshape(logits.shape[:-1]), conf.reshape(logits.shape[:-1]))
 
@@ -268,7 +272,8 @@ def sigmoid_decode(logits: Tensor, threshold=0.5, *, logit_threshold=None,
     check_floating_input("logits", logits, "sigmoid_decode")
     b = _backend.get(backend, logits.device)
     c = logits.shape[-1] if logits.dim() > 0 else 1
-    x2 = _views.rows(logits.detach().reshape(-1, c))  # decodings are not differentiable
+    x2 = _views.rows(_views.classes_last(logits.detach().reshape(-1, c) if logits.dim() == 0
+                                         else logits.detach()))  # not differentiable
     thr = _views.logit_threshold(None if logit_threshold is not None else threshold,
                            logit_threshold, c, logits.device)
     labels, probs = b.ops.sigmoid_decode(x2, thr, bool(return_probs))

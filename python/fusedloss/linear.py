@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import _backend, _promotion, _views
 from . import functional as F
 from . import reference as ref
-from ._checks import functorch_active
+from ._checks import functorch_active, has_data
 from ._reduction import mean_denominator
 from .linear_bce import LinearBCEFunction
 from .linear_ce import LinearCrossEntropyFunction
@@ -88,7 +88,7 @@ def _ce_target(target, batch_shape, classes: int, ignore_index: int, dtype):
             raise RuntimeError(f"probability target must have shape input.shape[:-1] + "
                                f"(classes,) = {[*batch_shape, classes]}, got "
                                f"{list(target.shape)}")
-        if ignore_index != -100:
+        if ignore_index >= 0:  # torch's check: a negative one is simply unused
             raise RuntimeError("ignore_index is not supported for floating point target "
                                f"(ignore_index={ignore_index})")
         t2 = target.reshape(math.prod(batch_shape), classes)
@@ -118,8 +118,8 @@ def _ce_mean_scale(t2: Tensor, weight: Tensor | None, prob: bool, ignore_index: 
 def _ce_options(reduction, ignore_index, label_smoothing, lse_square_scale, softcap):
     """Validated (ignore_index, label_smoothing, lse_square_scale, softcap (0 = off)), with
     cross_entropy's checks and error types (torch's)."""
-    F._check_reduction(reduction)
-    return F._ce_numbers(ignore_index, label_smoothing, lse_square_scale, softcap)
+    return (F._check_reduction(reduction),
+            *F._ce_numbers(ignore_index, label_smoothing, lse_square_scale, softcap))
 
 
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
@@ -136,8 +136,9 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     """
     x2, linear_weight, linear_bias, batch_shape, classes = _check_linear(
         input, linear_weight, linear_bias)
-    ignore_index, ls, s, cap = _ce_options(reduction, ignore_index, label_smoothing,
-                                           lse_square_scale, softcap)
+    reduction, ignore_index, ls, s, cap = _ce_options(reduction, ignore_index,
+                                                      label_smoothing, lse_square_scale,
+                                                      softcap)
     b = _backend.get(backend, input.device)
     F._check_same_device("target", target, input)
     t2, prob = _ce_target(target, batch_shape, classes, ignore_index, x2.dtype)
@@ -197,7 +198,7 @@ def _bce_target(target, out_shape, dtype, reduction: str):
         t, out_dtype = target if target.dtype in (dtype, acc) else target.to(acc), target.dtype
     else:
         raise RuntimeError(f"target must be floating point, bool or uint8, got {target.dtype}")
-    if out_dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(
+    if out_dtype in (torch.float16, torch.bfloat16) and _promotion.autocast_enabled(
             target.device.type):
         out_dtype = torch.float32  # autocast runs the loss in fp32, as torch's does
         if reduction == "none" and not t.is_floating_point():
@@ -226,7 +227,7 @@ def linear_binary_cross_entropy_with_logits(
     """
     x2, linear_weight, linear_bias, batch_shape, classes = _check_linear(
         input, linear_weight, linear_bias)
-    F._check_reduction(reduction)
+    reduction = F._check_reduction(reduction)
     b = _backend.get(backend, input.device)
     F._check_same_device("target", target, input)
     out_shape = (*batch_shape, classes)
@@ -283,7 +284,7 @@ class LinearCrossEntropyLoss(nn.Module):
         _ce_options(reduction, -100, label_smoothing, lse_square_scale, softcap)
         if weight is not None:
             F._check_tensor("weight", weight)
-            if weight.numel() and bool(torch.isnan(weight).any()):
+            if weight.numel() and has_data(weight) and bool(torch.isnan(weight).any()):
                 raise ValueError("weight contains NaN")
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -318,7 +319,7 @@ class LinearBCEWithLogitsLoss(nn.Module):
         for name, value in (("weight", weight), ("pos_weight", pos_weight)):
             if value is not None:
                 F._check_tensor(name, value)
-                if value.numel() and bool(torch.isnan(value).any()):
+                if value.numel() and has_data(value) and bool(torch.isnan(value).any()):
                     raise ValueError(f"{name} contains NaN")
         self.register_buffer("weight", weight)
         self.register_buffer("pos_weight", pos_weight)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import _backend
 from . import reference as ref
-from .linear_ce import _scale_
+from .linear_ce import _per_row_backward, _rows_grad, _scale_
 from .linear_chunks import LinearGrads, chunk_bounds, chunk_logits, empty, grad_fakes
 
 _NS = "fusedloss_linear"
@@ -119,13 +119,17 @@ def bce_bwd_elems(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
     for i, j in bounds:
         z = chunk_logits(x[i:j], w, b, buf)
         wc, pc = _rows(weight, i, j), _rows(pos_weight, i, j)
-        gl = grad_loss[i:j]
+        # a 0-dim grad_loss is one scale for every element (mean/sum of fp16 inputs): the op
+        # applies it and rounds the gradient once
+        whole = grad_loss.dim() == 0
+        gl = grad_loss.to(acc) if whole else grad_loss[i:j]
         if need_target:
             g_target[i:j] = _bce_target_grad(z, wc, pc, gl)
         if need_op_grad:
-            g = ops.sigmoid_bce_fwd(z, target[i:j], wc, pc, None, None, True, True, False,
-                                    False)[1]
-            g.mul_(gl if gl.dtype == g.dtype else gl.to(acc))
+            g = ops.sigmoid_bce_fwd(z, target[i:j], wc, pc, gl if whole else None, None, True,
+                                    True, False, False)[1]
+            if not whole:
+                g.mul_(gl if gl.dtype == g.dtype else gl.to(acc))
             grads.add(i, j, g, x[i:j])
             del g  # before the next chunk's op allocates its own
     return (*grads.result(x.dtype), g_target)
@@ -150,7 +154,8 @@ class LinearBCEFunction(torch.autograd.Function):
         ctx.opts = (backend, chunk)
         ctx.reduction = reduction
         ctx.needs = (need_x, need_w, need_b, need_t)
-        fused = reduction != "none" and any(ctx.needs)
+        ctx.per_row = _per_row_backward(reduction, x)
+        fused = not ctx.per_row and any(ctx.needs)
         needs = ctx.needs if fused else (False,) * 4
         loss, gx, gw, gb, gt, labels, counts = torch.ops.fusedloss_linear.bce_fwd(
             x, w, b, target, weight, pos_weight, grad_scale, threshold, backend, chunk,
@@ -174,9 +179,10 @@ class LinearBCEFunction(torch.autograd.Function):
                 "backward (create_graph=True): its gradients are computed by fused kernels")
         x, w, b, target, weight, pos_weight, grad_scale = ctx.saved_tensors
         backend, chunk = ctx.opts
-        if ctx.reduction == "none":
+        if ctx.per_row:
             grads = torch.ops.fusedloss_linear.bce_bwd_elems(
-                grad_out, x, w, b, target, weight, pos_weight, backend, chunk, *ctx.needs)
+                _rows_grad(grad_out, grad_scale, ctx.reduction, x.dtype), x, w, b, target,
+                weight, pos_weight, backend, chunk, *ctx.needs)
         else:
             if ctx.fused is not None:
                 grads, ctx.fused = ctx.fused, None

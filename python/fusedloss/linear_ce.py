@@ -124,18 +124,22 @@ def ce_bwd_rows(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
     buf = x.new_empty((min(chunk_size, rows), classes))
     args = (ignore_index, label_smoothing, lse_square_scale, softcap)
     prob = target.dim() == 2
+    # a 0-dim grad_loss is one scale for every row (mean/sum of fp16 inputs): the op applies
+    # it (ignored rows get 0) and rounds the gradient once
+    whole = grad_loss.dim() == 0
     for i, j in bounds:
-        g_rows = grad_loss[i:j].to(acc)
-        if not prob:  # an ignored row's gradient is 0 whatever comes in (inf included)
+        g_rows = grad_loss.to(acc) if whole else grad_loss[i:j].to(acc)
+        if not prob and not whole:  # an ignored row's gradient is 0 whatever comes in
             g_rows = g_rows.masked_fill(target[i:j] == ignore_index, 0)
         z = chunk_logits(x[i:j], w, b, buf)
-        _, sc, g, _, _ = _chunk_grad(ops, z, target[i:j], weight, None, args, False,
-                                     need_op_grad, need_target)
+        _, sc, g, _, _ = _chunk_grad(ops, z, target[i:j], weight, g_rows if whole else None,
+                                     args, False, need_op_grad, need_target)
         if need_target:
             g_target[i:j] = _soft_target_grad(z, sc, weight, label_smoothing, softcap,
-                                              g_rows.unsqueeze(-1))
+                                              g_rows if whole else g_rows.unsqueeze(-1))
         if g is not None:
-            g.mul_(g_rows.unsqueeze(-1))
+            if not whole:
+                g.mul_(g_rows.unsqueeze(-1))
             grads.add(i, j, g, x[i:j])
         del g
     return (*grads.result(x.dtype), g_target)
@@ -147,6 +151,24 @@ def _ce_bwd_rows_fake(grad_loss, input, linear_weight, linear_bias, target, weig
                       need_input, need_weight, need_bias, need_target):
     return grad_fakes(input, linear_weight, linear_bias, target, need_input, need_weight,
                        need_bias, need_target)
+
+
+def _per_row_backward(reduction: str, x: Tensor) -> bool:
+    """Does backward recompute the chunks with the incoming gradient (rather than scale what
+    the forward computed)? For 'none', and for fp16 inputs: a gradient pre-scaled by
+    1/denominator and kept in fp16 would be rounded twice and lose a GradScaler's small
+    values to fp16's subnormals (autograd.py); recomputed, it is rounded once."""
+    return reduction == "none" or x.dtype == torch.float16
+
+
+def _rows_grad(grad_out: Tensor, grad_scale: Tensor | None, reduction: str,
+               dtype: torch.dtype) -> Tensor:
+    """The incoming gradient of each row's loss: grad_out itself for 'none', else the whole
+    scale (times 1/denominator for 'mean'), 0-dim in the accumulation dtype."""
+    if reduction == "none":
+        return grad_out
+    g = grad_out.to(ref.compute_dtype(dtype))
+    return g if grad_scale is None else g * grad_scale
 
 
 def _scale_(ops, grads, grad_out: Tensor) -> None:
@@ -172,7 +194,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         ctx.opts = (backend, ignore_index, label_smoothing, lse_square_scale, softcap, chunk)
         ctx.reduction = reduction
         ctx.needs = (need_x, need_w, need_b, need_t)
-        fused = reduction != "none" and any(ctx.needs)
+        ctx.per_row = _per_row_backward(reduction, x)
+        fused = not ctx.per_row and any(ctx.needs)
         needs = ctx.needs if fused else (False,) * 4
         loss, _, gx, gw, gb, pred, conf, gt = torch.ops.fusedloss_linear.ce_fwd(
             x, w, b, target, weight, grad_scale, *ctx.opts, *needs, decode)
@@ -194,9 +217,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                 "fusedloss.linear_cross_entropy does not support double backward "
                 "(create_graph=True): its gradients are computed by fused kernels")
         x, w, b, target, weight, grad_scale = ctx.saved_tensors
-        if ctx.reduction == "none":
+        if ctx.per_row:
             grads = torch.ops.fusedloss_linear.ce_bwd_rows(
-                grad_out, x, w, b, target, weight, *ctx.opts, *ctx.needs)
+                _rows_grad(grad_out, grad_scale, ctx.reduction, x.dtype),
+                x, w, b, target, weight, *ctx.opts, *ctx.needs)
         else:
             if ctx.fused is not None:
                 grads, ctx.fused = ctx.fused, None

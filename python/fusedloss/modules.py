@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+from torch.nn.modules.loss import _Loss, _WeightedLoss
 
 from . import functional as F
-from ._checks import check_reduction, legacy_reduction
+from ._checks import check_reduction, has_data, legacy_reduction
 
 
 class _NotScriptable:
@@ -21,14 +22,16 @@ class _NotScriptable:
 
 
 def _check_weight_once(name: str, value: Tensor | None) -> None:
-    # One check at construction, on any device (a sync here is off the hot path).
+    # One check at construction, on any device (a sync here is off the hot path); a meta or
+    # fake weight (a model built on the meta device, then materialised) has no values to check
     if value is not None and not isinstance(value, Tensor):  # torch: TypeError from the buffer
         raise TypeError(f"{name} must be a Tensor or None, got {type(value).__name__}")
-    if value is not None and value.numel() and bool(torch.isnan(value).any()):
+    if value is not None and value.numel() and has_data(value) \
+            and bool(torch.isnan(value).any()):
         raise ValueError(f"{name} contains NaN")
 
 
-class CrossEntropyLoss(_NotScriptable, nn.Module):
+class CrossEntropyLoss(_NotScriptable, _WeightedLoss):
     """torch.nn.CrossEntropyLoss with fused kernels; extras are keyword-only (docs/API.md)."""
 
     def __init__(self, weight: Tensor | None = None, size_average=None, ignore_index: int = -100,
@@ -59,7 +62,7 @@ class CrossEntropyLoss(_NotScriptable, nn.Module):
             inplace_backward=self.inplace_backward, return_decoding=self.return_decoding)
 
 
-class BCEWithLogitsLoss(_NotScriptable, nn.Module):
+class BCEWithLogitsLoss(_NotScriptable, _Loss):
     """torch.nn.BCEWithLogitsLoss with fused kernels; decodings by keyword (docs/API.md)."""
 
     def __init__(self, weight: Tensor | None = None, size_average=None, reduce=None,

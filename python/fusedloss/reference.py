@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import no_data
 from ._dtypes import acc_dtype as compute_dtype  # the accumulation dtype (one rule, _dtypes.py)
 
 
@@ -37,9 +38,9 @@ def check_target_range(target: Tensor, ignore_index: int, num_classes: int) -> N
 
     This is the reference backend: it may synchronise to raise a host exception. Under
     torch.compile the check is skipped (a data-dependent branch cannot be traced), and so it is
-    on the meta device (no data: shape propagation, as torch's loss runs there).
+    for meta and fake tensors (no data: shape propagation, as torch's loss runs there).
     """
-    if target.numel() == 0 or torch.compiler.is_compiling() or target.device.type == "meta":
+    if target.numel() == 0 or torch.compiler.is_compiling() or no_data(target):
         return
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
@@ -70,10 +71,11 @@ def softmax_ce_rows(
     nll = -torch.log_softmax(z, dim=-1)
     w = _class_weight(weight, num_classes, x)
     eps = label_smoothing
+    eps_c = eps / num_classes if num_classes else 0.0  # C = 0: no classes to smooth over
     if target.dim() == logits.dim():  # probability targets
         y = target.to(x.dtype)
         if eps > 0:
-            y = y * (1 - eps) + eps / num_classes
+            y = y * (1 - eps) + eps_c
         loss = (nll * w * y).sum(-1)
         if lse_square_scale:
             loss = loss + lse_square_scale * lse.square()
@@ -83,7 +85,7 @@ def softmax_ce_rows(
         return torch.zeros_like(lse), lse
     loss = (1 - eps) * w[safe] * nll.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
     if eps > 0:
-        loss = loss + (eps / num_classes) * (nll * w).sum(-1)
+        loss = loss + eps_c * (nll * w).sum(-1)
     if lse_square_scale:
         loss = loss + lse_square_scale * lse.square()
     return loss.masked_fill(ignored, 0.0), lse
@@ -115,9 +117,10 @@ def softmax_ce_grad(
     p = torch.softmax(z, dim=-1)
     w = _class_weight(weight, num_classes, x)
     eps = label_smoothing
+    eps_c = eps / num_classes if num_classes else 0.0  # C = 0: no classes to smooth over
     lse_term = 2 * lse_square_scale * torch.logsumexp(z, dim=-1) if lse_square_scale else 0.0
     if target.dim() == logits.dim():
-        y = target.to(x.dtype) * (1 - eps) + eps / num_classes
+        y = target.to(x.dtype) * (1 - eps) + eps_c
         wy = w * y
         coef = wy.sum(-1) + lse_term
         dz = p * (coef.unsqueeze(-1) if isinstance(coef, Tensor) else coef) - wy
@@ -127,8 +130,8 @@ def softmax_ce_grad(
         if num_classes == 0:
             return torch.zeros_like(x)
         wt = (1 - eps) * w[safe]
-        coef = wt + (eps / num_classes) * w.sum() + lse_term
-        dz = p * coef.unsqueeze(-1) - (eps / num_classes) * w
+        coef = wt + eps_c * w.sum() + lse_term
+        dz = p * coef.unsqueeze(-1) - eps_c * w
         dz = dz.scatter_add(-1, safe.unsqueeze(-1), -wt.unsqueeze(-1))
     if softcap:
         dz = dz * (1 - (z / softcap).square())
