@@ -168,7 +168,7 @@ def logit_threshold(threshold, logit_thr, num_classes: int, device) -> Tensor | 
             v = torch.logit(v)
         elif eager() and bool(torch.isnan(v).any()):
             raise ValueError("logit_threshold contains NaN")
-        return v.float().reshape(-1).expand(num_classes).to(device).contiguous()
+        return fp32_floor(v).reshape(-1).expand(num_classes).to(device).contiguous()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float or a Tensor, got {type(value).__name__}")
     if name == "threshold":
@@ -177,4 +177,14 @@ def logit_threshold(threshold, logit_thr, num_classes: int, device) -> Tensor | 
         value = ref.logit_threshold(float(value))
     elif math.isnan(float(value)):
         raise ValueError("logit_threshold is NaN")
-    return torch.full((num_classes,), float(value), dtype=torch.float32, device=device)
+    return fp32_floor(torch.tensor(float(value), dtype=torch.float64)).expand(
+        num_classes).to(device).contiguous()
+
+
+def fp32_floor(t: Tensor) -> Tensor:
+    """float64 thresholds -> the largest fp32 <= each. Then `x > t32` equals `x > t` for every
+    fp32 (and so bf16/fp16) logit x; rounded to nearest, a t32 just above t labelled the one
+    fp32 logit between them negative (logit(0.3): x = -0.84729785 has x > t but x == t32)."""
+    t32 = t.float()
+    up = t32.to(torch.float64) > t
+    return torch.where(up, torch.nextafter(t32, torch.full_like(t32, -math.inf)), t32)

@@ -274,8 +274,14 @@ def sigmoid_decode(logits: Tensor, threshold=0.5, *, logit_threshold=None,
     c = logits.shape[-1] if logits.dim() > 0 else 1
     x2 = _views.rows(_views.classes_last(logits.detach().reshape(-1, c) if logits.dim() == 0
                                          else logits.detach()))  # not differentiable
+    if logit_threshold is not None and not (isinstance(threshold, float) and threshold == 0.5):
+        # a threshold other than the default, given with logit_threshold: ambiguous (as in BCE)
+        raise ValueError("give either threshold (probability) or logit_threshold, not both")
+    if threshold is None and logit_threshold is None:
+        raise ValueError("sigmoid_decode needs a threshold (probability, default 0.5) or a "
+                         "logit_threshold; got threshold=None")
     thr = _views.logit_threshold(None if logit_threshold is not None else threshold,
-                           logit_threshold, c, logits.device)
+                                 logit_threshold, c, logits.device)
     labels, probs = b.ops.sigmoid_decode(x2, thr, bool(return_probs))
     return SigmoidDecoding(labels.reshape(logits.shape),
                            probs.reshape(logits.shape) if return_probs else None)

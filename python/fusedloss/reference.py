@@ -8,6 +8,8 @@ autograd. Semantics (and the derivation of each gradient) are in docs/OPS.md.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -212,8 +214,9 @@ def sigmoid_decode(logits: Tensor, threshold: Tensor) -> Tensor:
 def confusion_counts(labels: Tensor, target: Tensor) -> Tensor:
     """Per-class (last dim) [TP, FP, FN] as (3, C) int64; a target is positive when > 0.5."""
     pos = target.to(torch.float64) > 0.5 if target.dtype != torch.bool else target
-    lab = labels.reshape(-1, labels.shape[-1])
-    pos = pos.reshape(-1, labels.shape[-1])
+    rows = math.prod(labels.shape[:-1]) if labels.dim() else 1  # also for C = 0
+    lab = labels.reshape(rows, labels.shape[-1] if labels.dim() else 1)
+    pos = pos.reshape(lab.shape)
     tp = (lab & pos).sum(0)
     fp = (lab & ~pos).sum(0)
     fn = (~lab & pos).sum(0)

@@ -54,7 +54,14 @@ def _metric(tp: Tensor, fp: Tensor, fn: Tensor, tn: Tensor, metric: str, beta: f
         # With b2 = 1 every term is an exact integer in float64, so equal ratios compare equal.
         return _ratio((1.0 + b2) * tp, (1.0 + b2) * tp + b2 * fn + fp)
     if metric == "balanced_accuracy":
-        return 0.5 * (_ratio(tp, tp + fn) + _ratio(tn, tn + fp))
+        # (TPR + TNR) / 2 as one integer numerator over one denominator per class: positives p
+        # and negatives q do not change with the cut, so equal scores compare equal (summed
+        # as two rounded ratios, 2/3 came out as ...667 at one cut and ...666 at another, and
+        # the tie went to the higher cut). Integers stay exact in float64 below 2^53.
+        p, q = tp + fn, tn + fp
+        num = torch.where(p == 0, q + tn, torch.where(q == 0, tp + p, tp * q + tn * p))
+        den = torch.where(p == 0, 2 * q, torch.where(q == 0, 2 * p, 2 * p * q))
+        return _ratio(num, den)
     # precision_at_recall: the best precision among cuts whose recall reaches min_recall.
     recall = _ratio(tp, tp + fn)
     precision = _ratio(tp, tp + fp)

@@ -41,7 +41,8 @@ class ThresholdIntervals(NamedTuple):
         spread, and take held-out figures from `out_of_bag_score` or
         `cross_validate_thresholds`.
     out_of_bag_score: (C,) float64 metric of the confusion counts pooled over resamples, each
-        resample's thresholds decoding the samples it did not draw (about 37% of them).
+        resample's thresholds decoding the samples it did not draw (about 37% of them); NaN
+        when no resample left any sample out (one sample).
     positives: (C,) int64 positives of each class in the data.
     """
 
@@ -143,6 +144,8 @@ def bootstrap_thresholds(scores: Tensor, targets: Tensor, metric: str = "f1", *,
     else:
         logit_iv, prob_iv = _logit(cut_iv), cut_iv
     oob_score = _average_score(oob, oob_n, metric, beta, min_recall, _pooled(average))
+    if oob_n == 0:  # every resample drew every sample: no held-out data, no held-out score
+        oob_score = torch.full_like(oob_score, float("nan"))
     return ThresholdIntervals(tune(x, pos), logit_iv, prob_iv,
                               _interval(torch.stack(tuned_scores), level), oob_score,
                               pos.sum(0))
