@@ -86,3 +86,17 @@ def bad_options_differ(rank, world, backend):
     _bad(rank, world, backend, ValueError, r"options hash .* differs across ranks", kw=kw)
 
 
+
+
+@case
+def bad_target_differs_with_equal_moments(rank, world, backend):
+    # +1, -2, +1 at positions 1, 2, 3 of the last rank's targets: the count, the sum and a
+    # position-weighted sum all agree with the other ranks; a linear checksum let it through
+    # and every rank returned a loss equal to neither rank's torch answer
+    def tgt(r, a):
+        t = a["target"].clone()
+        t[1], t[2], t[3] = 3, 4, 3
+        if r == world - 1:
+            t[1], t[2], t[3] = 4, 2, 4
+        return t
+    _bad(rank, world, backend, ValueError, r"target differs across ranks", target=tgt)

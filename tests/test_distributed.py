@@ -88,6 +88,30 @@ def random_layouts(rank, world, backend):
 
 
 @case
+def infinite_logits_as_torch(rank, world, backend):
+    # +inf anywhere in a row: torch's loss and whole gradient row are NaN (here the ranks
+    # without the +inf had finite, wrong gradients); a shard whose row is all -inf, with label
+    # smoothing: torch's loss is +inf (it was NaN from -inf - -inf)
+    x, t, _ = _data(torch.float64)
+    x[2, C - 1] = math.inf           # the last rank's shard
+    x[4, :LAYOUTS[world][0]] = -math.inf  # all of rank 0's shard
+    t[2], t[4] = 0, C - 1
+    start, size = _layout(rank, world)
+    for red in ("none", "sum"):
+        local = x[:, start:start + size].clone().requires_grad_()
+        full = x.clone().requires_grad_()
+        loss = D.cross_entropy(local, t, label_smoothing=0.1, ignore_index=IGNORE,
+                               reduction=red, backend=backend)
+        want = F.cross_entropy(full, t, label_smoothing=0.1, ignore_index=IGNORE,
+                               reduction=red)
+        torch.testing.assert_close(loss, want, equal_nan=True)
+        loss.sum().backward()
+        want.sum().backward()
+        torch.testing.assert_close(local.grad, full.grad[:, start:start + size],
+                                   equal_nan=True)
+
+
+@case
 def decode_ties_and_confidence(rank, world, backend):
     _run_case(rank, world, backend, weight=True, eps=0.1, s=0.0, reduction="mean", decode=True)
 

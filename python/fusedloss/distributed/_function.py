@@ -134,7 +134,13 @@ def _smoothing(g: _Gathered, weight: Tensor | None, lse: Tensor, num_classes: Te
         ends = (g.starts + g.sizes).clamp(max=weight.numel())
         w_q = (cw[ends] - cw[g.starts.clamp(max=weight.numel())]).to(cdt)
         w_sum = weight.to(cdt).sum()
-    smooth = (g.stats[:, 2] + w_q.unsqueeze(1) * (lse - g.stats[:, 0])).sum(0)
+    lse_q = g.stats[:, 0]
+    term = g.stats[:, 2] + w_q.unsqueeze(1) * (lse - lse_q)
+    # a shard whose row is all -inf: each of its classes adds w_c (lse - (-inf)) = +inf (torch's
+    # smoothed loss is +inf), not the NaN of its A_q and of -inf - -inf
+    dead = torch.isneginf(lse_q)
+    term = torch.where(dead, torch.where(w_q.unsqueeze(1) != 0, math.inf, 0.0).to(cdt), term)
+    smooth = term.sum(0)
     return smooth, w_sum
 
 
@@ -166,6 +172,8 @@ def _combine(g: _Gathered, tg: _Targets, t: Tensor, weight: Tensor | None, eps: 
     if s > 0:
         loss = loss + s * lse.square()
         coef_p = coef_p + 2 * s * lse * tg.valid
+    # a +inf logit on any shard: the row's loss is NaN, as torch's log_softmax makes it
+    loss = torch.where(torch.isposinf(lse), math.nan, loss)
     loss = torch.where(tg.valid, loss, 0.0)
     return _Rows(loss, lse, coef_p, (1 - eps) * w_t * tg.owner,
                  eps_c * tg.valid if eps > 0 else None)
@@ -252,4 +260,8 @@ class VocabParallelCE(torch.autograd.Function):
                 else w_local.to(cdt)
             grad.addr_(g * eps_c, w, alpha=-1)
         grad.scatter_add_(1, t_local.unsqueeze(1), (-(g * onehot)).unsqueeze(1))
+        # a +inf logit on any shard: the row's gradient is NaN on every rank, as torch's (here
+        # the shards without it had finite, wrong values); ignored rows keep their 0
+        inf_rows = torch.isposinf(lse) & (coef_p != 0)
+        grad.masked_fill_(inf_rows.unsqueeze(1), math.nan)
         return (grad.to(x2.dtype),) + (None,) * 9

@@ -25,7 +25,6 @@ _H_TSUM, _H_TMIX, _H_TMIN, _H_TMAX, _H_WLEN, _H_WMIX, _H_WNAN = range(7, 14)
 HEADER_LEN = 16
 # Position-mixing modulus for the checksums: products stay below 2^41, so a sum over up to
 # 2^22 rows (or weight entries) cannot overflow int64.
-_MIX = 1_000_003
 # torch.argmax over int32 indices packed in float32 bits is exact; a shard wider than this
 # cannot be indexed by int32.
 MAX_LOCAL_CLASSES = 2**31 - 1
@@ -110,13 +109,20 @@ def local_problems(local_logits, target, weight, class_start, num_classes, ignor
 
 # ----------------------------------------------------------------------------- the header
 def _mix(v: Tensor) -> tuple[Tensor, Tensor]:
-    """(sum, position-mixed sum) of an int64 vector: equal vectors give equal pairs; a changed
-    or swapped entry almost surely changes them. Device ops, no sync."""
+    """(sum, hash) of an int64 vector: equal vectors give equal pairs. The hash sums a cubic
+    of (value, position) modulo the prime 2^31 - 1, so a change passes only by a chance
+    collision (a sum weighted by position, linear in both, let structured changes through:
+    +d, -2d, +d at positions i, j = (i + k) / 2, k kept both sums). Device ops, no sync; every
+    product stays below 2^62, every sum below 2^63 for up to 2^32 entries."""
     if v.numel() == 0:
         z = torch.zeros((), dtype=torch.int64, device=v.device)
         return z, z
-    pos = torch.arange(v.numel(), device=v.device, dtype=torch.int64).remainder(_MIX) + 1
-    return v.sum(), (v.remainder(_MIX) + 1).mul(pos).sum()
+    p = 2147483647
+    pos = torch.arange(v.numel(), device=v.device, dtype=torch.int64)
+    h = (v.remainder(p) * 48271 + pos.remainder(p) * 69621 + 12345).remainder(p)
+    h = ((h * h).remainder(p) * h + pos.remainder(p)).remainder(p)
+    h = (h * 16807 + 1).remainder(p)
+    return v.sum(), h.sum()
 
 
 def _bits(t: Tensor) -> Tensor:
