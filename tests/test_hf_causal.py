@@ -130,3 +130,31 @@ def test_autocast_bf16_no_further_from_fp64_than_stock():
     # also carry bf16's rounding, half an ulp: at most |loss| * 2**-8 (8-bit significand).
     assert errs["fused"][1] <= 2 * errs["stock"][1] + 1e-6, errs
     assert errs["fused"][0] <= 2 * errs["stock"][0] + ref.loss.item() * 2**-8, errs
+
+
+@pytest.mark.parametrize("linear", [True, False], ids=["linear", "logits"])
+def test_data_parallel_replicas_and_remove(linear):
+    # nn.DataParallel copies the instance's __dict__ into each replica: the wrapper bound to
+    # the original model ran the original's weights in every replica
+    stock, model = causal_pair("llama")
+    flt.apply(model, linear=linear)
+    replica = model._replicate_for_data_parallel()
+    assert replica.forward.__self__ is replica
+    assert model.forward.__self__ is model
+    with torch.no_grad():  # (the replica shares the model's tensors until DataParallel
+        for p in replica.parameters():  # gives it copies; scaling one scales both)
+            p.mul_(0.5)
+    x = torch.randint(0, VOCAB, (2, 7))
+    labels = labels_for(x)
+    scaled = copy.deepcopy(stock)
+    with torch.no_grad():
+        for p in scaled.parameters():
+            p.mul_(0.5)
+    torch.testing.assert_close(replica(input_ids=x, labels=labels).loss,
+                               scaled(input_ids=x, labels=labels).loss)
+    # remove: the stock forward and loss again (logits back in the labelled output)
+    flt.remove(model)
+    assert not {"forward", "_replicate_for_data_parallel"} & set(model.__dict__)
+    out, ref = model(input_ids=x, labels=labels), scaled(input_ids=x, labels=labels)
+    torch.testing.assert_close(out.logits, ref.logits)
+    torch.testing.assert_close(out.loss, ref.loss)

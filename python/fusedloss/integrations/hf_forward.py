@@ -2,7 +2,8 @@
 
 The wrapper is a bound method stored on the instance (`model.forward`), like Liger-Kernel's
 and accelerate's patches: the class, other instances, the state dict and `save_pretrained`
-are untouched, `copy.deepcopy` rebinds it to the copy, and `inspect.signature(model.forward)`
+are untouched, `copy.deepcopy` rebinds it to the copy, nn.DataParallel's replicas get it
+bound to themselves (`_replicate_for_data_parallel`), and `inspect.signature(model.forward)`
 is the original's (the Trainer reads it to keep dataset columns and to decide whether the model
 takes `num_items_in_batch`).
 
@@ -78,6 +79,17 @@ def install(model, state: WrapState) -> None:
 
     setattr(model, STATE_ATTR, state)
     model.forward = types.MethodType(forward, model)
+    model._replicate_for_data_parallel = types.MethodType(_replicate, model)
+
+
+def _replicate(self):
+    """nn.DataParallel's replica of a wrapped model: torch copies the instance's __dict__, and
+    with it `forward` bound to the original model (each replica would run the original's
+    weights on its device); rebind it to the replica."""
+    replica = type(self)._replicate_for_data_parallel(self)
+    replica.forward = types.MethodType(self.forward.__func__, replica)
+    replica.__dict__.pop("_replicate_for_data_parallel", None)
+    return replica
 
 
 def uninstall(model) -> None:
@@ -85,5 +97,6 @@ def uninstall(model) -> None:
     if STATE_ATTR in model.__dict__:
         del model.__dict__[STATE_ATTR]
         model.__dict__.pop("forward", None)
+        model.__dict__.pop("_replicate_for_data_parallel", None)
     if getattr(model.__dict__.get("_loss_function"), "_fusedloss", False):
         del model.__dict__["_loss_function"]

@@ -34,7 +34,7 @@ from .hf_causal_lm import LINEAR_CAUSAL_LMS, loss_from_hidden
 from .hf_inline_heads import INLINE_HEADS, loss_from_logits
 from .hf_losses import CAUSAL_KEYS, LOSSES
 
-__all__ = ["LOSSES", "SUPPORTED_TRANSFORMERS", "apply"]
+__all__ = ["LOSSES", "SUPPORTED_TRANSFORMERS", "apply", "remove"]
 
 SUPPORTED_TRANSFORMERS = ">=5.0,<6 (tested with 5.24.0)"
 
@@ -103,6 +103,13 @@ def _unrecognised(model, linear: bool) -> TypeError:
         f"neither is one of the fused linear causal LMs ({', '.join(LINEAR_CAUSAL_LMS)}) nor "
         f"calls self.loss_function with a key of LOSSES, nor is one of the inline-loss heads "
         f"({', '.join(INLINE_HEADS)}){hint}")
+
+
+def remove(model):
+    """Undo `apply` on `model` (that instance): stock forward and loss again; returns it. A
+    model never patched is returned unchanged."""
+    hf_forward.uninstall(model)
+    return model
 
 
 def apply(model, *, linear: bool = True, backend: str = "auto"):
