@@ -88,6 +88,31 @@ def random_layouts(rank, world, backend):
 
 
 @case
+def large_logits_keep_fp32_precision(rank, world, backend):
+    # logits around 1e4 (a 0.5 gap between classes): an fp32 lse exchanged as an absolute
+    # value carried ulp(1e4) = 1e-3 into the loss (measured 4.4e-4) and the gradient (2.8e-4);
+    # torch and the single-process kernels stay near 1e-8. The max and the log-sum travel apart.
+    g = torch.Generator().manual_seed(11)
+    x64 = 1e4 + 0.5 * torch.randint(-4, 5, (N, C), generator=g).to(torch.float64)
+    x64[:, 5] += 3.0  # a clear maximum in one rank's slice for every layout
+    t = torch.randint(0, C, (N,), generator=g)
+    x = x64.float()
+    start, size = _layout(rank, world)
+    local = x[:, start:start + size].clone().requires_grad_()
+    out = D.cross_entropy(local, t, reduction="sum", label_smoothing=0.1, backend=backend,
+                          return_decoding=True)
+    ref = x.to(torch.float64).requires_grad_()
+    want = F.cross_entropy(ref, t, reduction="sum", label_smoothing=0.1)
+    want.backward()
+    assert abs(out.loss.item() - want.item()) < 1e-5 * N
+    out.loss.backward()
+    err = (local.grad.double() - ref.grad[:, start:start + size]).abs().max().item()
+    assert err < 1e-6, err
+    conf = torch.softmax(ref.detach(), -1).amax(-1)
+    torch.testing.assert_close(out.confidence.double(), conf, rtol=1e-6, atol=1e-7)
+
+
+@case
 def infinite_logits_as_torch(rank, world, backend):
     # +inf anywhere in a row: torch's loss and whole gradient row are NaN (here the ranks
     # without the +inf had finite, wrong gradients); a shard whose row is all -inf, with label
