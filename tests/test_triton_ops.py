@@ -267,3 +267,39 @@ def test_every_launcher_launches_under_the_logits_device(monkeypatch):
         seen.clear()
         call()
         assert seen == [x.device], call
+
+
+class _GridSpy:
+    """Stands in for a @triton.jit kernel: records the launch grid, runs nothing."""
+
+    def __init__(self):
+        self.grids = []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("rows,classes", [(1, 65535 * 512 + 1), (65535 * 64 + 1, 1)],
+                         ids=["33.5M-classes", "4.2M-rows"])
+def test_bce_grid_within_cuda_limits(monkeypatch, rows, classes):
+    # gridDim.y is at most 65535 on CUDA (x: 2^31 - 1). Column tiles on y failed to launch
+    # beyond 65535 * 512 classes, which a flattened 33.5M-element BCE input reaches.
+    spy = _GridSpy()
+    monkeypatch.setattr(bce_k, "_sigmoid_bce_kernel", spy)
+    monkeypatch.setattr(bce_k, "interpreting", lambda: False)  # the GPU's row tiling
+    x = torch.zeros(rows, classes, dtype=torch.bfloat16)
+    bce_k._launch(x, None, None, None, None, None, None, None, None, None, None, loss_mode=0,
+                  tile=(2, 512))
+    (gx, gy), = spy.grids
+    assert gx <= 2**31 - 1 and gy <= 65535
+    assert gx * 512 >= classes  # every column tile, and every row, has a program
+    rows_per_prog = -(-rows // gy)
+    assert gy * rows_per_prog >= rows
+
+
+def test_softmax_refuses_beyond_int32_classes():
+    x = torch.zeros(1, 1).expand(1, 2**31 - 1)  # no memory: a stride-0 view
+    with pytest.raises(ValueError, match="2\\^31"):
+        ce_k._launch(x, None, None, None, 0, torch.empty(1), None, None, None, None, -100,
+                     0.0, 0.0, 0.0, False, target_kind=0)

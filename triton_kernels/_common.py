@@ -60,6 +60,8 @@ SOFTMAX_SHORT_ROWS = ((128, 1), (1024, 4))  # (BLOCK = the longest row it serves
 BCE_TILE = (2, 512)
 BCE_WARPS = 4
 BCE_ROW_TILES_PER_PROGRAM = 32
+# CUDA's limit on gridDim.y (and z); x allows 2^31 - 1.
+MAX_GRID_Y = 65535
 
 # scale_grad_: a flat elementwise multiply. Not measured: 4096 elements x 4 warps per program
 # (32 per thread, only two live values each), assumed enough bytes in flight for a

@@ -14,7 +14,7 @@ because d softplus(-x)/dx = -(1 - sigmoid(x)), so
     d/dx = w ((1 - y) - (1 + (p - 1) y)(1 - sigmoid(x))) = w ((p y + 1 - y) sigmoid(x) - p y).
 sigmoid(x) is computed from e = exp(-|x|) as 1/(1+e) or e/(1+e), never exp(+large).
 
-Layout: a 2-D grid of (row group, BLOCK_C column tile) programs; each walks its row group in
+Layout: a 2-D grid of (BLOCK_C column tile, row group) programs; each walks its row group in
 (BLOCK_R, BLOCK_C) tiles, so per-class state (thresholds, TP/FP/FN counts) stays in registers
 for the whole group and a wide row (256k classes) is still spread over C / BLOCK_C programs.
 Row sums (reduce_rows) are written per column tile as (tiles, R) partials (fp64 for fp64
@@ -49,6 +49,7 @@ from ._common import (
     BCE_TILE,
     BCE_WARPS,
     LOGITS_DTYPES,
+    MAX_GRID_Y,
     acc_dtype,
     acc_torch,
     bce_config,
@@ -102,12 +103,14 @@ def _sigmoid_bce_kernel(
     TARGET: tl.constexpr, LOSS: tl.constexpr, GRAD: tl.constexpr, COLS_CONTIG: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, HIST: tl.constexpr,
 ):
-    # Program (i, j): rows [i * rows_per_prog, ...) of column tile j, in BLOCK_R-row steps.
-    tile = tl.program_id(1)
+    # Program (j, i): column tile j (grid x, up to 2^31 - 1 tiles), rows [i * rows_per_prog,
+    # ...) in BLOCK_R-row steps (grid y, at most 65535: CUDA's limit there; the launcher
+    # grows rows_per_prog to stay under it). Tiles on y capped C at 65535 * BLOCK_C (33.5M).
+    tile = tl.program_id(0)
     cols = tile * BLOCK_C + tl.arange(0, BLOCK_C)  # int32: C < 2^31
     c_ok = cols < C
     c2 = cols[None, :]
-    row0 = tl.program_id(0).to(tl.int64) * rows_per_prog
+    row0 = tl.program_id(1).to(tl.int64) * rows_per_prog
     row_end = tl.minimum(row0 + rows_per_prog, R)
     g = tl.full([], 1.0, ACC)
     if has_scale == 1:
@@ -235,10 +238,11 @@ def _launch(logits, target, weight, pos_weight, scale, threshold, loss, grad, la
     block_r, block_c, warps = bce_config()
     if tile is not None:
         block_r, block_c = tile
-    rows_per_prog = block_r * (2 if interpreting() else BCE_ROW_TILES_PER_PROGRAM)
-    grid = (triton.cdiv(rows, rows_per_prog), triton.cdiv(classes, block_c))
+    rows_per_prog = block_r * max(2 if interpreting() else BCE_ROW_TILES_PER_PROGRAM,
+                                  triton.cdiv(triton.cdiv(rows, block_r), MAX_GRID_Y))
+    grid = (triton.cdiv(classes, block_c), triton.cdiv(rows, rows_per_prog))
     if loss_mode == 2:  # per-column-tile row sums, added up by the caller in a fixed order
-        loss = torch.empty((grid[1], rows), dtype=acc_torch(logits.dtype), device=logits.device)
+        loss = torch.empty((grid[0], rows), dtype=acc_torch(logits.dtype), device=logits.device)
     kind = 0
     if target is not None:
         target, kind = _as_kernel_target(target)

@@ -307,6 +307,12 @@ def _launch(logits, target, weight, scale, scale_stride, lse, loss, grad, pred, 
     blk, warps = softmax_config(classes, logits.element_size())
     if block is not None:
         blk = block
+    # The kernel runs one program per row (the launcher passes the grid as a C int) and
+    # indexes classes in int32 (its column loop counts to C + BLOCK): refuse beyond both.
+    if rows > 2**31 - 1 or classes > 2**31 - 1 - blk:
+        raise ValueError(f"the triton softmax cross-entropy takes fewer than 2^31 rows and "
+                         f"2^31 - {blk + 1} classes, got logits of shape "
+                         f"{tuple(logits.shape)}; use backend='native'")
     dev = logits.device
     types = _pointer_types(logits.dtype, target_kind,
                            target.dtype if target_kind == 2 else None)
