@@ -268,8 +268,12 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, const BceSinks
     masks.resize(kBlock / Vec::size() + 1);
   }
   for (int64_t r = r0; r < r1; ++r) {
-    Vec row_sum(0);
+    // The row's loss: each block sums into vector lanes (at most kBlock / V terms a lane),
+    // the blocks' sums add up in double. One vector for the whole row summed 2^17 terms a lane
+    // at 2^20 classes (relative error 5.5e-6 in fp32, against torch's 5.6e-9).
+    double row_total = 0;
     for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      Vec row_sum(0);
       BceBlock<acc> b;
       b.n = std::min(kBlock, C - c0);
       b.out = r * C + c0;
@@ -283,8 +287,9 @@ void bce_rows(const BceJob& j, int64_t C, int64_t r0, int64_t r1, const BceSinks
       if (table) {
         hist_block<acc>(*vbinner, b.x, b.y, b.n, *table, c0, codes.data(), masks.data());
       }
+      if (j.loss_rows) row_total += static_cast<double>(hsum(row_sum));
     }
-    if (j.loss_rows) static_cast<acc*>(j.loss_rows_out)[r] = hsum(row_sum);
+    if (j.loss_rows) static_cast<acc*>(j.loss_rows_out)[r] = static_cast<acc>(row_total);
     if (table && ++table->rows == kFlushRows) table->flush(out.hist, 0, C, C, out.hist_lock);
   }
   if (table) table->flush(out.hist, 0, C, C, out.hist_lock);

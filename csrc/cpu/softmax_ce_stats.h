@@ -200,7 +200,11 @@ inline void block_side_sums(RowStats<acc>& st, const acc* zb, const acc* yb, con
     if (yb != nullptr) {
       const Vec yv = vload(yb + i, k);
       awy += keep_lanes(w * yv, k);
-      awyz += keep_lanes(wd * yv, k);
+      // With label smoothing every class has a positive target (1 - eps) y_c + eps / C, so a
+      // -inf logit makes the loss +inf, as torch's: its y_c = 0 must add 0 here, not
+      // 0 * -inf = NaN. Without smoothing torch's y_c * log_softmax is that NaN, and so is ours.
+      const Vec wdy = wd * yv;
+      awyz += keep_lanes(need_wz ? Vec::blendv(wdy, Vec(0), yv == Vec(0)) : wdy, k);
     }
   }
   st.wz += hsum(awz);
