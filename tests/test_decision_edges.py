@@ -82,3 +82,14 @@ def test_decode_arguments(backend):
         torch.zeros(3, 0), torch.zeros(3, 0), threshold=0.5, return_counts=True,
         backend=backend)
     assert out.counts.shape == (3, 0) and out.labels.shape == (3, 0)
+
+
+def test_histogram_constructor_arguments():
+    # bools are not counts; an edge finite only in float64 is not a float32 edge; a range is
+    # two numbers
+    for bad in (dict(num_classes=True), dict(num_classes=2, bins=True),
+                dict(num_classes=2, bins=torch.tensor([0.0, 1e39], dtype=torch.float64)),
+                dict(num_classes=2, range=(0.0, 1.0, 2.0))):
+        name = [k for k in bad if k != "num_classes"] or ["num_classes"]
+        with pytest.raises(ValueError, match=name[0]):
+            fusedloss.ThresholdHistogram(**bad)

@@ -188,3 +188,13 @@ def test_linearize_and_make_fx_with_a_class_weight(device, backend):
         z, torch.sigmoid(z.detach()), pos_weight=w, backend=backend))(x)
     torch.testing.assert_close(gm(x), tF.binary_cross_entropy_with_logits(
         x, torch.sigmoid(x), pos_weight=w))
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("inf"), float("nan")])
+def test_softcap_must_be_finite_and_positive(bad):
+    # one rule, one message: -1 was told "[0.0, inf]", then inf "must be finite"
+    x, t = torch.randn(2, 3), torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="softcap must be a"):
+        fusedloss.cross_entropy(x, t, softcap=bad)
+    with pytest.raises(ValueError, match="softcap must be a"):
+        fusedloss.linear_cross_entropy(x, torch.randn(4, 3), t, softcap=bad)

@@ -123,9 +123,9 @@ def _ce_numbers(ignore_index, label_smoothing, lse_square_scale, softcap):
     s = check_number("lse_square_scale", lse_square_scale, 0.0)
     if softcap is None:
         return ignore_index, ls, s, 0.0
-    cap = check_number("softcap", softcap, 0.0)
-    if not is_symbolic(cap) and cap == 0.0:
-        raise ValueError("softcap must be > 0 (or None to disable), got 0.0")
+    cap = check_number("softcap", softcap)
+    if not is_symbolic(cap) and not 0.0 < cap < math.inf:
+        raise ValueError(f"softcap must be a finite number > 0 (or None to disable), got {cap}")
     return ignore_index, ls, s, cap
 
 

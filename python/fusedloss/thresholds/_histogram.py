@@ -43,15 +43,19 @@ class ThresholdHistogram:
     def __init__(self, num_classes: int, bins: int | Tensor = 1024,
                  range: tuple[float, float] = (-16.0, 16.0),  # noqa: A002 (numpy's name)
                  device: torch.device | str | None = None):
-        if not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
         if isinstance(bins, Tensor):
             edges = bins.detach().to(torch.float64).flatten().cpu()
-            if edges.numel() < 1 or not bool(torch.isfinite(edges).all()):
-                raise ValueError("bins (edges) must be a non-empty 1-D tensor of finite values")
+            if edges.numel() < 1 or not bool(torch.isfinite(edges.to(torch.float32)).all()):
+                # (checked in float32, where the edges live: 1e39 is finite only in float64)
+                raise ValueError("bins (edges) must be a non-empty 1-D tensor of values finite "
+                                 "in float32")
         else:
-            if not isinstance(bins, int) or bins < 1:
+            if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
                 raise ValueError(f"bins must be a positive int or a tensor of edges, got {bins!r}")
+            if len(range) != 2:
+                raise ValueError(f"range must be (lo, hi), got {range!r}")
             lo, hi = (float(v) for v in range)
             if not (lo < hi) or not all(map(lambda v: abs(v) < float("inf"), (lo, hi))):
                 raise ValueError(f"range must be (lo, hi) with finite lo < hi, got {range!r}")
