@@ -82,18 +82,18 @@ def ce_grads(logits: Tensor, target: Tensor, weight: Tensor | None, row_g: Tenso
 
 
 def bce_grads(logits: Tensor, target: Tensor, weight: Tensor | None,
-              pos_weight: Tensor | None, g: Tensor, need: tuple[bool, ...]):
+              pos_weight: Tensor | None, g: Tensor, need: tuple[bool, bool, bool, bool]):
     """(d logits, d target, d weight, d pos_weight) of sum g * loss in the accumulation
-    dtype, g broadcastable to logits' shape; `need` has 2 or 4 flags (the last two: None
-    when the weight is absent or not asked for)."""
+    dtype, g broadcastable to logits' shape; None where not asked for (or, for the weights,
+    absent)."""
     x = logits.to(ref.compute_dtype(logits.dtype))
     y = target.to(x.dtype)
     g = g.to(x.dtype)
     d_weight = d_pos_weight = None
-    if len(need) > 2 and need[2] and weight is not None:  # the unweighted elementwise loss
+    if need[2] and weight is not None:  # the unweighted elementwise loss
         d_weight = ref.sigmoid_bce_elem(x, y, None, pos_weight) * g
-    if len(need) > 3 and need[3] and pos_weight is not None:  # d/dp: w y softplus(-x)
-        d_pos_weight = y * torch.nn.functional.softplus(-x) * g
+    if need[3] and pos_weight is not None:  # d/dp: w y softplus(-x)
+        d_pos_weight = y * F.softplus(-x) * g
         if weight is not None:
             d_pos_weight = d_pos_weight * weight.to(x.dtype)
     if weight is not None:
@@ -110,9 +110,7 @@ def bce_grads(logits: Tensor, target: Tensor, weight: Tensor | None,
         dy = -x if pos_weight is None else \
             -x + (pos_weight.to(x.dtype) - 1) * F.softplus(-x)
         d_target = dy * g
-    if len(need) > 2:
-        return d_logits, d_target, d_weight, d_pos_weight
-    return d_logits, d_target
+    return d_logits, d_target, d_weight, d_pos_weight
 
 
 def _mul(a: Tensor | None, b: Tensor | None) -> Tensor | float:

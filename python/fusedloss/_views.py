@@ -177,8 +177,10 @@ def logit_threshold(threshold, logit_thr, num_classes: int, device) -> Tensor | 
         value = ref.logit_threshold(float(value))
     elif math.isnan(float(value)):
         raise ValueError("logit_threshold is NaN")
-    return fp32_floor(torch.tensor(float(value), dtype=torch.float64)).expand(
-        num_classes).to(device).contiguous()
+    # the floor on the host number, then a fill on the device: no host-to-device copy (on
+    # CUDA a pageable copy would synchronise the stream on every call)
+    floor = fp32_floor(torch.tensor(float(value), dtype=torch.float64)).item()
+    return torch.full((num_classes,), floor, dtype=torch.float32, device=device)
 
 
 def fp32_floor(t: Tensor) -> Tensor:

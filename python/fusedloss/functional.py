@@ -272,8 +272,8 @@ def sigmoid_decode(logits: Tensor, threshold=0.5, *, logit_threshold=None,
     check_floating_input("logits", logits, "sigmoid_decode")
     b = _backend.get(backend, logits.device)
     c = logits.shape[-1] if logits.dim() > 0 else 1
-    x2 = _views.rows(_views.classes_last(logits.detach().reshape(-1, c) if logits.dim() == 0
-                                         else logits.detach()))  # not differentiable
+    x = logits.detach()  # decodings are not differentiable; a 0-d logit is one class
+    x2 = _views.rows(_views.classes_last(x.reshape(1) if x.dim() == 0 else x))
     if logit_threshold is not None and not (isinstance(threshold, float) and threshold == 0.5):
         # a threshold other than the default, given with logit_threshold: ambiguous (as in BCE)
         raise ValueError("give either threshold (probability) or logit_threshold, not both")

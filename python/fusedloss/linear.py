@@ -8,7 +8,6 @@ reference: the logits are materialised and handed to the torch backend's loss.
 
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
@@ -58,8 +57,7 @@ def _check_linear(input, linear_weight, linear_bias):
             raise RuntimeError(f"linear_bias.dtype ({linear_bias.dtype}) must match "
                                f"input.dtype ({input.dtype})")
         F._check_same_device("linear_bias", linear_bias, input)
-    rows = math.prod(input.shape[:-1])
-    return input.reshape(rows, hidden), linear_weight, linear_bias, input.shape[:-1], classes
+    return _views.classes_last(input), linear_weight, linear_bias, input.shape[:-1], classes
 
 
 def _chunk_rows(chunk_size, x2: Tensor, classes: int, buffers: int = 1) -> int:
@@ -91,7 +89,7 @@ def _ce_target(target, batch_shape, classes: int, ignore_index: int, dtype):
         if ignore_index >= 0:  # torch's check: a negative one is simply unused
             raise RuntimeError("ignore_index is not supported for floating point target "
                                f"(ignore_index={ignore_index})")
-        t2 = target.reshape(math.prod(batch_shape), classes)
+        t2 = _views.classes_last(target)
         # the ops read a probability target in the logits' or the accumulation dtype, with
         # unit stride along the classes
         if t2.dtype not in (dtype, ref.compute_dtype(dtype)):
@@ -205,8 +203,7 @@ def _bce_target(target, out_shape, dtype, reduction: str):
             # the op gives an elementwise loss in the logits' dtype for a bool/uint8 target:
             # read it as fp32, so that the loss is computed and stored in fp32
             t = t.to(torch.float32)
-    classes = out_shape[-1]
-    return F._rows(t.reshape(math.prod(out_shape[:-1]), classes)), out_dtype
+    return F._rows(_views.classes_last(t)), out_dtype
 
 
 def linear_binary_cross_entropy_with_logits(

@@ -116,13 +116,15 @@ def bce_bwd_elems(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
     g_target = torch.empty_like(target) if need_target else empty(target)
     buf = x.new_empty((min(chunk_size, rows), classes))
     acc = ref.compute_dtype(x.dtype)
+    # a 0-dim grad_loss is one scale for every element (mean/sum of fp16 inputs): the op
+    # applies it and rounds the gradient once
+    whole = grad_loss.dim() == 0
+    if whole:
+        grad_loss = grad_loss.to(acc)
     for i, j in bounds:
         z = chunk_logits(x[i:j], w, b, buf)
         wc, pc = _rows(weight, i, j), _rows(pos_weight, i, j)
-        # a 0-dim grad_loss is one scale for every element (mean/sum of fp16 inputs): the op
-        # applies it and rounds the gradient once
-        whole = grad_loss.dim() == 0
-        gl = grad_loss.to(acc) if whole else grad_loss[i:j]
+        gl = grad_loss if whole else grad_loss[i:j]
         if need_target:
             g_target[i:j] = _bce_target_grad(z, wc, pc, gl)
         if need_op_grad:

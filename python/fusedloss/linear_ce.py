@@ -127,8 +127,10 @@ def ce_bwd_rows(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
     # a 0-dim grad_loss is one scale for every row (mean/sum of fp16 inputs): the op applies
     # it (ignored rows get 0) and rounds the gradient once
     whole = grad_loss.dim() == 0
+    if whole:
+        grad_loss = grad_loss.to(acc)
     for i, j in bounds:
-        g_rows = grad_loss.to(acc) if whole else grad_loss[i:j].to(acc)
+        g_rows = grad_loss if whole else grad_loss[i:j].to(acc)
         if not prob and not whole:  # an ignored row's gradient is 0 whatever comes in
             g_rows = g_rows.masked_fill(target[i:j] == ignore_index, 0)
         z = chunk_logits(x[i:j], w, b, buf)
