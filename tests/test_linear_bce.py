@@ -9,6 +9,7 @@ import torch.nn.functional as tF
 
 import fusedloss
 from conftest import DEVICE_BACKENDS, is_slow_backend
+from fusedloss import _backend
 from helpers import assert_close, assert_no_worse_than_torch
 from linear_oracle import bce_oracle, grads, leaves
 
@@ -163,3 +164,50 @@ def test_uint8_target_reaches_the_op_as_uint8(dev_backend, monkeypatch):
         assert_close(loss, bce_oracle(x, w, b, y, reduction=reduction), torch.float32)
     assert len(seen) == 4 + 8 and all(s == (torch.uint8, y.untyped_storage().data_ptr())
                                       for s in seen)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(("device", "backend", "option"),
+                         backend_cases(("weights", "float_target_grad", "uint8"), ("uint8",)))
+def test_sub_blocks_write_the_gradient_over_the_logits(device, backend, option, reduction,
+                                                       monkeypatch):
+    """Each chunk's loss op runs on row blocks of the logits buffer and each block's gradient
+    is copied back over its logits (one block of op output alive, not a second (rows, C)
+    buffer). Forced to 1-row blocks here: loss, every gradient, labels and counts equal the
+    oracle on the materialised logits, and the op's outputs are one block each."""
+    import fusedloss.linear_bce as lb
+    import fusedloss.linear_chunks as lc
+    monkeypatch.setattr(lc, "BCE_MIN_SUB_BLOCK", 1)
+    ops = _backend.get(backend, torch.device(device)).ops
+    real, shapes = ops.sigmoid_bce_fwd, []
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def sigmoid_bce_fwd(self, logits, *args):
+            shapes.append(logits.shape[0])
+            return real(logits, *args)
+
+    class B:
+        name = backend
+
+    B.ops = Spy()
+    monkeypatch.setattr(lb._backend, "get", lambda name, dev: B)
+    kind = option if option == "uint8" else "float"
+    x, w, b, y = make(n=13, target=kind)
+    g = torch.Generator().manual_seed(3)
+    opts = dict(weight=torch.rand(13, 1, generator=g, dtype=F64) + 0.5,
+                pos_weight=torch.rand(10, generator=g, dtype=F64) * 3)
+    ours, ref = run_both(backend, x, w, b, y, opts, reduction, chunk_size=8,
+                         target_grad=option == "float_target_grad")
+    compare(ours, ref, F64, f"{option}/{reduction}")
+    if backend != "torch":  # the torch backend computes the loss of F.linear (no chunks)
+        assert shapes and max(shapes) == 1  # chunks of 8 and 5 rows went in blocks of 1
+    out = fusedloss.linear_binary_cross_entropy_with_logits(
+        x, w, y, linear_bias=b, backend=backend, chunk_size=8, logit_threshold=0.1,
+        return_counts=True)
+    labels, pos = tF.linear(x, w, b) > 0.1, y > 0.5
+    assert torch.equal(out.labels, labels)
+    assert torch.equal(out.counts, torch.stack([(labels & pos).sum(0), (labels & ~pos).sum(0),
+                                                (~labels & pos).sum(0)]))

@@ -19,8 +19,8 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import no_data
 from ._dtypes import acc_dtype
+from .reference import check_target_range as check_range
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -164,13 +164,9 @@ def check_histogram(op: str, edges: Tensor | None, counts: Tensor | None,
 
 def check_target_range(target: Tensor, ignore_index: int, num_classes: int) -> None:
     """IndexError (as torch's nll_loss) for a class index outside [0, C) on CPU tensors, where
-    the check costs no device sync; skipped while tracing (a data-dependent branch)."""
-    if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling() \
-            or no_data(target):
-        return
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        raise IndexError(f"Target {int(target[bad][0])} is out of bounds.")
+    the check costs no device sync (the rule: reference.check_target_range)."""
+    if target.device.type == "cpu":
+        check_range(target, ignore_index, num_classes)
 
 
 # ---- the checks of each op (shared by the torch and triton backends) -----------------------

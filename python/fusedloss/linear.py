@@ -21,7 +21,7 @@ from ._checks import functorch_active, has_data
 from ._reduction import mean_denominator
 from .linear_bce import LinearBCEFunction
 from .linear_ce import LinearCrossEntropyFunction
-from .linear_chunks import default_chunk_rows
+from .linear_chunks import BCE_CHUNK_MEMORY_FRACTION, BCE_SUB_BLOCKS, default_chunk_rows
 
 
 def _check_linear(input, linear_weight, linear_bias):
@@ -60,10 +60,12 @@ def _check_linear(input, linear_weight, linear_bias):
     return _views.classes_last(input), linear_weight, linear_bias, input.shape[:-1], classes
 
 
-def _chunk_rows(chunk_size, x2: Tensor, classes: int, buffers: int = 1) -> int:
+def _chunk_rows(chunk_size, x2: Tensor, classes: int, bce: bool = False) -> int:
     if chunk_size is None:
-        return default_chunk_rows(x2.shape[0], x2.shape[1], classes, x2.dtype, x2.device,
-                                  buffers)
+        if bce:  # the logits buffer and one sub-block's op gradient
+            return default_chunk_rows(x2.shape[0], x2.shape[1], classes, x2.dtype, x2.device,
+                                      1 + 1 / BCE_SUB_BLOCKS, BCE_CHUNK_MEMORY_FRACTION)
+        return default_chunk_rows(x2.shape[0], x2.shape[1], classes, x2.dtype, x2.device)
     if isinstance(chunk_size, bool) or (isinstance(chunk_size, Tensor)
                                         and chunk_size.dtype == torch.bool):
         raise TypeError(f"chunk_size must be a positive int or None, got "
@@ -238,7 +240,7 @@ def linear_binary_cross_entropy_with_logits(
     thr = F._logit_threshold(threshold, logit_threshold, classes, input.device)
     if return_counts and thr is None:
         raise ValueError("return_counts=True needs threshold= or logit_threshold=")
-    chunk = _chunk_rows(chunk_size, x2, classes, buffers=2)  # logits and the op's gradient
+    chunk = _chunk_rows(chunk_size, x2, classes, bce=True)
     if b.name == "torch" or functorch_active():  # torch.func: as in linear_cross_entropy
         logits = tF.linear(x2, linear_weight, linear_bias).reshape(out_shape)
         res = F.binary_cross_entropy_with_logits(

@@ -4,6 +4,8 @@ Same structure as linear_ce.py, with the backend's sigmoid_bce_fwd as the loss o
 - `bce_fwd`: per chunk, logits = x @ W^T (+ b); the op gives the row sums of the loss (or the
   elementwise loss for reduction='none'), d(loss)/d(logits) pre-scaled by grad_scale, the
   thresholded labels and the per-class [TP, FP, FN] counts, which are summed over chunks.
+  The op runs on row blocks of the chunk (linear_chunks.sub_blocks), and each block's
+  gradient is copied back over its logits: the buffer then holds the chunk's gradient.
   A bool/uint8 multi-hot target is read by the op as it is, chunk by chunk (never converted).
 - `bce_bwd_elems` (reduction='none'): redoes each chunk's logits and unscaled gradient, then
   multiplies by the incoming (rows, C) gradient.
@@ -18,7 +20,7 @@ from torch import Tensor
 from . import _backend
 from . import reference as ref
 from .linear_ce import _per_row_backward, _rows_grad, _scale_
-from .linear_chunks import LinearGrads, chunk_bounds, chunk_logits, empty, grad_fakes
+from .linear_chunks import LinearGrads, chunk_bounds, chunk_logits, empty, grad_fakes, sub_blocks
 
 _NS = "fusedloss_linear"
 
@@ -67,22 +69,22 @@ def bce_fwd(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
     for i, j in bounds:
         z = chunk_logits(x[i:j], w, b, buf)
         wc, pc = _rows(weight, i, j), _rows(pos_weight, i, j)
-        lc, g, lab, _, cnt = ops.sigmoid_bce_fwd(z, target[i:j], wc, pc, grad_scale, threshold,
-                                                 reduce_rows, need_op_grad, False, count,
-                                                 hist_edges, hist_counts)
-        loss[i:j] = lc
-        if threshold is not None:
-            labels[i:j] = lab
-        if count:
-            counts += cnt
-        if need_target:
+        if need_target:  # from the logits, before their gradient overwrites them
             g_target[i:j] = _bce_target_grad(z, wc, pc, scale)
+        for a, c in sub_blocks(j - i, classes):
+            lc, g, lab, _, cnt = ops.sigmoid_bce_fwd(
+                z[a:c], target[i + a:i + c], _rows(wc, a, c), _rows(pc, a, c), grad_scale,
+                threshold, reduce_rows, need_op_grad, False, count, hist_edges, hist_counts)
+            loss[i + a:i + c] = lc
+            if threshold is not None:
+                labels[i + a:i + c] = lab
+            if count:
+                counts += cnt
+            if need_op_grad:
+                z[a:c].copy_(g)
+            del g  # before the next op call allocates its own
         if need_op_grad:
-            del z  # the buffer is free again; the op's gradient is g
-            grads.add(i, j, g, x[i:j])
-        # drop this chunk's gradient before the next op call allocates the next one: held
-        # over, it was a third (rows, C) buffer at the peak
-        del g
+            grads.add(i, j, z, x[i:j])
     return (loss, *grads.result(x.dtype), g_target, labels, counts)
 
 
@@ -128,12 +130,17 @@ def bce_bwd_elems(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
         if need_target:
             g_target[i:j] = _bce_target_grad(z, wc, pc, gl)
         if need_op_grad:
-            g = ops.sigmoid_bce_fwd(z, target[i:j], wc, pc, gl if whole else None, None, True,
-                                    True, False, False)[1]
-            if not whole:
-                g.mul_(gl if gl.dtype == g.dtype else gl.to(acc))
-            grads.add(i, j, g, x[i:j])
-            del g  # before the next chunk's op allocates its own
+            for a, c in sub_blocks(j - i, classes):
+                g = ops.sigmoid_bce_fwd(z[a:c], target[i + a:i + c], _rows(wc, a, c),
+                                        _rows(pc, a, c), gl if whole else None, None, True,
+                                        True, False, False)[1]
+                if whole:
+                    z[a:c].copy_(g)
+                else:
+                    glc = gl[a:c]
+                    torch.mul(g, glc if glc.dtype == g.dtype else glc.to(acc), out=z[a:c])
+                del g  # before the next op call allocates its own
+            grads.add(i, j, z, x[i:j])
     return (*grads.result(x.dtype), g_target)
 
 

@@ -3,7 +3,8 @@ linear cross-entropy (linear_ce.py) and linear BCE (linear_bce.py) share.
 
 A chunk of rows [i, j) of the (N, H) input gets its logits `x[i:j] @ W^T (+ b)` in one reused
 (rows, C) buffer; the loss op turns the buffer into d(loss)/d(logits) (in place for softmax
-CE); then `grad_input[i:j] = G @ W`, `grad_W += G^T @ x[i:j]`, `grad_b += G.sum(0)`.
+CE, block by block for BCE); then `grad_input[i:j] = G @ W`, `grad_W += G^T @ x[i:j]`,
+`grad_b += G.sum(0)`.
 Matmuls run in the input dtype (BLAS accumulates in fp32); grad_W and grad_b are accumulated
 across chunks in the accumulation dtype (fp32 for bf16/fp16), so a low-precision grad_W is
 rounded once, as torch's unchunked matmul rounds it.
@@ -22,27 +23,46 @@ from . import reference as ref
 # Measured on the 2-core x86_64 CPU of the build machine under heavy load (fp32, N=2048,
 # H=1024, C=32000, fwd+bwd into leaves, side by side): 64 rows 2.1x, 128 rows 1.5x, 256 rows
 # 1.25x, 512 rows 1.0x the time of eager (unchunked) PyTorch.
-# The rule: the chunk's (rows, C) buffers (one for softmax CE, whose gradient overwrites the
-# logits; two for BCE) may take CHUNK_MEMORY_FRACTION of the gradients' own bytes (grad_W +
-# grad_input), at least MIN_CHUNK_BYTES, rounded down to a multiple of CHUNK_ROW_MULTIPLE rows
-# (at least one multiple, at most all rows).
+# The rule: the chunk's buffers (`buffers` (rows, C) buffers: 1 for softmax CE, whose gradient
+# overwrites the logits; 1 + 1/BCE_SUB_BLOCKS for BCE, see sub_blocks) may take `fraction` of
+# the gradients' own bytes (grad_W + grad_input), at least MIN_CHUNK_BYTES, rounded down to a
+# multiple of CHUNK_ROW_MULTIPLE rows (at least one multiple, at most all rows).
+# CE takes CHUNK_MEMORY_FRACTION = 20%, a compromise towards speed (docs/linear.md: at the
+# benchmark shapes 1.1-1.2x the gradients and within 10% of the fastest provider); BCE takes
+# BCE_CHUNK_MEMORY_FRACTION = 10%, towards memory (1.09x at 4096 x 768 x 131072, where its
+# matmuls leave it 1.5x faster than eager at that budget).
 CHUNK_MEMORY_FRACTION = 0.2
+BCE_CHUNK_MEMORY_FRACTION = 0.1
 MIN_CHUNK_BYTES = 8 << 20
 CHUNK_ROW_MULTIPLE = {"cpu": 32, "cuda": 256}
+# The BCE op writes its gradient to a new tensor; the chunk loops call it on BCE_SUB_BLOCKS
+# row blocks of the chunk's logits buffer and copy each block's gradient back over the logits
+# it came from, so the op's output is one block, not a second (rows, C) buffer. Blocks have at
+# least BCE_MIN_SUB_BLOCK elements (a small chunk is one block: one op call).
+BCE_SUB_BLOCKS = 8
+BCE_MIN_SUB_BLOCK = 1 << 16
 
 
 def default_chunk_rows(rows: int, hidden: int, classes: int, dtype: torch.dtype,
-                       device: torch.device, buffers: int = 1) -> int:
+                       device: torch.device, buffers: float = 1.0,
+                       fraction: float = CHUNK_MEMORY_FRACTION) -> int:
     """Rows per chunk for chunk_size=None (the rule above); >= 1."""
     if rows <= 0:
         return 1
     esize = torch.empty((), dtype=dtype).element_size()
     grad_bytes = (classes + rows) * hidden * esize
-    budget = max(CHUNK_MEMORY_FRACTION * grad_bytes, MIN_CHUNK_BYTES)
+    budget = max(fraction * grad_bytes, MIN_CHUNK_BYTES)
     mult = CHUNK_ROW_MULTIPLE.get(device.type, 128)
     per_row = max(classes, 1) * esize * buffers
     chunk = int(budget // per_row) // mult * mult
     return max(1, min(rows, max(chunk, mult)))
+
+
+def sub_blocks(rows: int, classes: int) -> list[tuple[int, int]]:
+    """(a, b) row ranges of the (at most BCE_SUB_BLOCKS) blocks of a chunk of (rows, classes),
+    in order."""
+    step = max(1, -(-rows // BCE_SUB_BLOCKS), -(-BCE_MIN_SUB_BLOCK // max(classes, 1)))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
 
 
 def empty(like: Tensor, dtype=None) -> Tensor:
