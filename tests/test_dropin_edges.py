@@ -198,3 +198,91 @@ def test_softcap_must_be_finite_and_positive(bad):
         fusedloss.cross_entropy(x, t, softcap=bad)
     with pytest.raises(ValueError, match="softcap must be a"):
         fusedloss.linear_cross_entropy(x, torch.randn(4, 3), t, softcap=bad)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_complex_and_bool_weights_raise_as_torch(device, backend):
+    # torch refuses a complex BCE weight / pos_weight (RuntimeError) and a bool pos_weight
+    # (NotImplementedError: pos_weight - 1); a cast would silently drop the imaginary part
+    x = torch.randn(2, 3, device=device)
+    y = torch.rand(2, 3, device=device)
+    bad = {"weight": torch.tensor([1 + 5j, 2, 3]), "pos_weight": torch.tensor([1 + 5j, 2, 3])}
+    for name, value in bad.items():
+        with pytest.raises(RuntimeError):
+            tF.binary_cross_entropy_with_logits(x, y, **{name: value.to(device)})
+        with pytest.raises(RuntimeError, match=name):
+            fusedloss.binary_cross_entropy_with_logits(x, y, backend=backend,
+                                                       **{name: value.to(device)})
+    pw = torch.tensor([True, False, True], device=device)
+    with pytest.raises(NotImplementedError):
+        tF.binary_cross_entropy_with_logits(x, y, pos_weight=pw)
+    with pytest.raises(NotImplementedError, match="pos_weight"):
+        fusedloss.binary_cross_entropy_with_logits(x, y, pos_weight=pw, backend=backend)
+    h, head = torch.randn(2, 4, device=device), torch.randn(3, 4, device=device)
+    with pytest.raises(NotImplementedError, match="pos_weight"):
+        fusedloss.linear_binary_cross_entropy_with_logits(h, head, y, pos_weight=pw,
+                                                          backend=backend)
+    # a bool weight is a 0/1 mask in both
+    wb = torch.tensor([True, False, True], device=device)
+    torch.testing.assert_close(
+        fusedloss.binary_cross_entropy_with_logits(x, y, weight=wb, backend=backend),
+        tF.binary_cross_entropy_with_logits(x, y, weight=wb))
+    # cross_entropy with probability targets and a complex class weight: torch returns a
+    # complex loss, the kernels are real; ours raises instead of dropping the imaginary part
+    with pytest.raises(NotImplementedError, match="complex class weight"):
+        fusedloss.cross_entropy(x, y, weight=torch.tensor([1 + 5j, 2, 3], device=device),
+                                backend=backend)
+
+
+@pytest.mark.parametrize("module", [fusedloss.CrossEntropyLoss, fusedloss.BCEWithLogitsLoss])
+def test_modules_check_reduction_at_forward_as_torch(module):
+    # torch builds a loss with any reduction string and raises at forward: code that builds the
+    # module and sets .reduction afterwards works
+    x, t = torch.randn(3, 4), torch.rand(3, 4)
+    ours, theirs = module(reduction="bogus"), getattr(torch.nn, module.__name__)(
+        reduction="bogus")
+    for m in (ours, theirs):
+        with pytest.raises(ValueError):
+            m(x, t)
+        m.reduction = "sum"
+    torch.testing.assert_close(ours(x, t), theirs(x, t))
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_an_infinite_class_weight_stays_in_its_class(device, backend, reduction):
+    # without smoothing, a class weight reaches only the rows whose target it is: an infinite
+    # weight of an ignored (or absent) class leaves the other rows' loss and gradient finite
+    # (0 * inf in the smoothing terms made every row NaN); with smoothing the loss is +inf
+    x0 = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -1.0]], dtype=F64)
+    t = torch.tensor([-100, 1])
+    w = torch.tensor([float("inf"), 0.5, 2.0], dtype=F64)
+    gout = torch.tensor([0.7, 1.3], dtype=F64) if reduction == "none" else None
+    for eps in (0.0, 0.1):
+        got, want = [], []
+        for fn, out in ((fusedloss.cross_entropy, got), (tF.cross_entropy, want)):
+            x = x0.clone().to(device).requires_grad_()
+            kw = dict(backend=backend) if fn is fusedloss.cross_entropy else {}
+            loss = fn(x, t.to(device), weight=w.to(device), reduction=reduction,
+                      label_smoothing=eps, **kw)
+            out.append(loss.detach())
+            if eps == 0:
+                loss.backward(None if gout is None else gout.to(device))
+                out.append(x.grad)
+        torch.testing.assert_close(got, want, equal_nan=True)
+        if eps == 0:
+            assert torch.isfinite(got[1][1]).all()
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_an_infinite_pos_weight_as_torch(device, backend):
+    # positive targets with an infinite pos_weight cost +inf (torch), not inf * 0 = NaN
+    x = torch.tensor([[0.5, -0.5, 0.0, 2.0, -3.0]], dtype=F64, device=device)
+    for y0 in (1.0, 0.0, 0.3):
+        y = torch.full_like(x, y0)
+        pw = torch.full((5,), float("inf"), dtype=F64, device=device)
+        got = fusedloss.binary_cross_entropy_with_logits(x, y, pos_weight=pw, reduction="none",
+                                                         backend=backend)
+        torch.testing.assert_close(
+            got, tF.binary_cross_entropy_with_logits(x, y, pos_weight=pw, reduction="none"),
+            equal_nan=True)

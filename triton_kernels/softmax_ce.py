@@ -227,7 +227,8 @@ def _softmax_ce_kernel(
         z_t = _capped(tl.load(x_row + t).to(ACC), cap, SOFTCAP)
         loss = (1.0 - eps) * w_t * ((r - z_t) + log_s)  # = lse - z_t, without rounding lse
         if smooth != 0:
-            loss += eps * inv_c * (v_sum * log_s - a)
+            # an infinite W gives its infinity (torch's sum of w_c * -log p_c), not inf - inf
+            loss += eps * inv_c * tl.where(tl.abs(v_sum) == _INF, v_sum, v_sum * log_s - a)
         coef = (1.0 - eps) * w_t + 2.0 * lse_square_scale * lse
         if smooth != 0:
             coef += eps * inv_c * v_sum

@@ -66,7 +66,9 @@ inline Vectorized<T> bce_loss(const Vectorized<T>& x, const Vectorized<T>& y,
   const Vectorized<T> zero(0), one(1);
   const Vectorized<T> pos = at::vec::maximum(x, zero), neg = at::vec::minimum(x, zero);
   if (!has_pw) return (one - y) * pos - y * neg + log1p_unit(e);
-  return (one - y) * pos - p * y * neg + (one + (p - one) * y) * log1p_unit(e);
+  // p y min(x, 0) is 0 for x >= 0 even for an infinite pos_weight (torch: +inf, not inf * 0)
+  const Vectorized<T> pyn = Vectorized<T>::blendv(zero, p * y * neg, neg < zero);
+  return (one - y) * pos - pyn + (one + (p - one) * y) * log1p_unit(e);
 }
 
 struct BceJob {

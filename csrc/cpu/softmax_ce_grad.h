@@ -24,9 +24,11 @@ namespace {
 
 template <typename acc>
 acc class_coef(const RowStats<acc>& st, const CeConfig<acc>& cfg, int64_t t) {
-  acc coef = cfg.prob ? (1 - cfg.eps) * st.wy + cfg.eps_c() * cfg.W
-                      : (1 - cfg.eps) * (cfg.w != nullptr ? cfg.w[t] : acc(1)) +
-                            cfg.eps_c() * cfg.W;
+  // the smoothing terms only when eps > 0: an infinite class weight must not reach the other
+  // classes' gradients through 0 * inf (torch's unsmoothed gradient never reads it)
+  const acc smooth = cfg.eps > 0 ? cfg.eps_c() * cfg.W : acc(0);
+  acc coef = cfg.prob ? (1 - cfg.eps) * st.wy + smooth
+                      : (1 - cfg.eps) * (cfg.w != nullptr ? cfg.w[t] : acc(1)) + smooth;
   if (cfg.lse_square_scale != 0) coef += 2 * cfg.lse_square_scale * st.lse;
   return coef;
 }
@@ -84,7 +86,8 @@ void patch_target(scalar_t* out, int64_t t, const RowStats<acc>& st, acc coef, a
                   const CeConfig<acc>& cfg) {
   const acc wt = cfg.w != nullptr ? cfg.w[t] : acc(1);
   const acc zt = st.zt;
-  acc d = std::exp(zt - st.shift) * st.inv_sum * coef - (1 - cfg.eps) * wt - cfg.eps_c() * wt;
+  acc d = std::exp(zt - st.shift) * st.inv_sum * coef - (1 - cfg.eps) * wt;
+  if (cfg.eps > 0) d -= cfg.eps_c() * wt;
   if (cfg.cap != 0) d *= 1 - (zt / cfg.cap) * (zt / cfg.cap);
   out[t] = static_cast<scalar_t>(g * d);
 }

@@ -248,12 +248,14 @@ acc row_loss(const RowStats<acc>& st, const CeConfig<acc>& cfg, int64_t t) {
   const acc epsC = cfg.eps_c();
   acc loss;
   if (cfg.prob) {
-    const acc S = (1 - cfg.eps) * st.wy + epsC * cfg.W;
+    const acc S = (1 - cfg.eps) * st.wy + (cfg.eps > 0 ? epsC * cfg.W : acc(0));
     loss = S * lse_ref - ((1 - cfg.eps) * st.wyz + epsC * st.wz);
   } else {
     const acc wt = cfg.w != nullptr ? cfg.w[t] : acc(1);
     loss = (1 - cfg.eps) * wt * ((st.shift - st.zt) + logsum);
-    if (cfg.eps > 0) loss += epsC * (cfg.W * lse_ref - st.wz);
+    // sum_c w_c (lse - z_c) with lse - z_c >= 0: an infinite W gives its sign of infinity (as
+    // torch's sum of w_c * -log p_c), where W lse - sum_c w_c z_c would be inf - inf
+    if (cfg.eps > 0) loss += epsC * (std::isinf(cfg.W) ? cfg.W : cfg.W * lse_ref - st.wz);
   }
   if (cfg.lse_square_scale != 0) loss += cfg.lse_square_scale * st.lse * st.lse;
   return loss;

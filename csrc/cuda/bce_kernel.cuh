@@ -183,7 +183,7 @@ __device__ __forceinline__ acc_t<T> bce_chunk(const BceArgs& a, int64_t row, int
     const A inv = A(1) / (A(1) + e);
     const A sig = x >= A(0) ? inv : e * inv;
     const A py = p * y[k];
-    lv[k] = want_loss ? w * ((A(1) - y[k]) * fmax(x, A(0)) - py * fmin(x, A(0)) +
+    lv[k] = want_loss ? w * ((A(1) - y[k]) * fmax(x, A(0)) - (x < A(0) ? py * x : A(0)) +
                              (A(1) + (p - A(1)) * y[k]) * acc_log1p(e))
                       : A(0);
     if (in) sum += lv[k];

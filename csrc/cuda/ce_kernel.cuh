@@ -213,7 +213,7 @@ __device__ __forceinline__ void ce_row_outputs(const CeArgs& a, const CeConst<A>
     l = (A(1) - k.eps) * w_t * ((tot.sh - r.z_t) + tot.log_s) + zloss;
     if (k.smooth) {
       const A Wsum = a.weight != nullptr ? st.sw : static_cast<A>(a.C);
-      l += k.eps_c * (Wsum * lse_ref - st.swz);
+      l += k.eps_c * (isinf(Wsum) ? Wsum : Wsum * lse_ref - st.swz);  // inf W: no inf - inf
     }
   }
   static_cast<A*>(a.loss)[row] = l;
@@ -237,7 +237,9 @@ __device__ __forceinline__ void ce_gradient_pass(const CeArgs& a, const CeConst<
                         : A(0);
   const A wt1 = (A(1) - k.eps) * w_t;
   const A Wsum = a.weight != nullptr ? st.sw : static_cast<A>(a.C);
-  const A coef = k.has_prob ? st.swy + two_s_lse : wt1 + k.eps_c * Wsum + two_s_lse;
+  // no 0 * inf from an infinite class weight when eps = 0
+  const A coef = k.has_prob ? st.swy + two_s_lse
+                            : wt1 + (k.smooth ? k.eps_c * Wsum : A(0)) + two_s_lse;
   const bool row_nan = r.bad || tot.posinf;
   for (int64_t j = r.j0 + grp.gtid; j < r.j1; j += grp.gthreads) {
     const ChunkSpan c = chunk_span<V>(j, r.phase, a.C);

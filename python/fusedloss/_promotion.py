@@ -70,6 +70,9 @@ def ce_result_dtype(x_dtype: torch.dtype, device_type: str, t2: Tensor,
             raise RuntimeError(f"expected scalar type {dtype_name(x_dt)} but found "
                                f"{dtype_name(w_dt)} (weight.dtype must match input)")
         return x_dt
+    if w_dt is not None and w_dt.is_complex:  # torch gives a complex loss; the kernels are real
+        raise NotImplementedError(f"cross_entropy with a complex class weight ({w_dt}) is not "
+                                  "supported; give a real floating-point weight")
     out = torch.promote_types(x_dt, autocast_dtype(t2, device_type))
     return out if w_dt is None else torch.promote_types(out, w_dt)
 

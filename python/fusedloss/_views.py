@@ -143,6 +143,12 @@ def broadcast_view(name: str, value: Tensor | None, input: Tensor, x2: Tensor,
     if full != input.shape:
         raise RuntimeError(f"{name} of shape {list(value.shape)}: output with shape "
                            f"{list(input.shape)} doesn't match the broadcast shape {list(full)}")
+    if value.is_complex():  # torch: the complex product cannot be stored in a real loss
+        raise RuntimeError(f"{name}: result type {value.dtype} can't be cast to the desired "
+                           f"output type {input.dtype} (a complex {name} is not supported)")
+    if name == "pos_weight" and value.dtype == torch.bool:  # torch computes pos_weight - 1
+        raise NotImplementedError("pos_weight: Subtraction, the `-` operator, with a bool "
+                                  "tensor is not supported; give a floating-point pos_weight")
     check_no_nan(name, value)
     dtype = ref.compute_dtype(x2.dtype) if dtype is None else dtype
     return value.to(dtype).expand(input.shape).reshape(x2.shape)

@@ -314,7 +314,6 @@ class LinearBCEWithLogitsLoss(nn.Module):
                  logit_threshold=None, return_counts: bool = False,
                  chunk_size: int | None = None, histogram=None):
         super().__init__()
-        F._check_reduction(reduction)
         for name, value in (("weight", weight), ("pos_weight", pos_weight)):
             if value is not None:
                 F._check_tensor(name, value)

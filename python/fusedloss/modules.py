@@ -7,7 +7,7 @@ from torch import Tensor
 from torch.nn.modules.loss import _Loss, _WeightedLoss
 
 from . import functional as F
-from ._checks import check_reduction, has_data, legacy_reduction
+from ._checks import has_data, legacy_reduction
 
 
 class _NotScriptable:
@@ -42,7 +42,6 @@ class CrossEntropyLoss(_NotScriptable, _WeightedLoss):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = legacy_reduction(size_average, reduce)
-        check_reduction(reduction)
         _check_weight_once("weight", weight)
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
@@ -72,7 +71,6 @@ class BCEWithLogitsLoss(_NotScriptable, _Loss):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = legacy_reduction(size_average, reduce)
-        check_reduction(reduction)
         _check_weight_once("weight", weight)
         _check_weight_once("pos_weight", pos_weight)
         self.register_buffer("weight", weight)

@@ -132,8 +132,11 @@ def softmax_ce_grad(
         if num_classes == 0:
             return torch.zeros_like(x)
         wt = (1 - eps) * w[safe]
-        coef = wt + eps_c * w.sum() + lse_term
-        dz = p * coef.unsqueeze(-1) - eps_c * w
+        if eps > 0:
+            coef = wt + eps_c * w.sum() + lse_term
+            dz = p * coef.unsqueeze(-1) - eps_c * w
+        else:  # no 0 * inf from an infinite weight of another class
+            dz = p * (wt + lse_term).unsqueeze(-1)
         dz = dz.scatter_add(-1, safe.unsqueeze(-1), -wt.unsqueeze(-1))
     if softcap:
         dz = dz * (1 - (z / softcap).square())
@@ -171,7 +174,8 @@ def sigmoid_bce_elem(
         loss = (1 - y) * pos - y * neg + log1p_e
     else:
         p = pos_weight.to(x.dtype)
-        loss = (1 - y) * pos - p * y * neg + (1 + (p - 1) * y) * log1p_e
+        # p y min(x, 0) is 0 for x >= 0 even for an infinite pos_weight (no inf * 0)
+        loss = (1 - y) * pos - torch.where(x < 0, p * y * neg, 0.0) + (1 + (p - 1) * y) * log1p_e
     if weight is not None:
         loss = loss * weight.to(x.dtype)
     return loss
