@@ -84,7 +84,7 @@ def bce_fwd(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None,
                 z[a:c].copy_(g)
             del g  # before the next op call allocates its own
         if need_op_grad:
-            grads.add(i, j, z, x[i:j])
+            grads.add(i, j, z, x[i:j], buf)
     return (loss, *grads.result(x.dtype), g_target, labels, counts)
 
 
@@ -140,7 +140,7 @@ def bce_bwd_elems(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
                     glc = gl[a:c]
                     torch.mul(g, glc if glc.dtype == g.dtype else glc.to(acc), out=z[a:c])
                 del g  # before the next op call allocates its own
-            grads.add(i, j, z, x[i:j])
+            grads.add(i, j, z, x[i:j], buf)
     return (*grads.result(x.dtype), g_target)
 
 

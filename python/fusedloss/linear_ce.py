@@ -85,7 +85,7 @@ def ce_fwd(input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None, tar
         if need_target:
             g_target[i:j] = _soft_target_grad(z, sc, weight, label_smoothing, softcap, scale)
         if g is not None:
-            grads.add(i, j, g, x[i:j])
+            grads.add(i, j, g, x[i:j], buf)
         del g  # with probability targets g is the op's own buffer: free it before the next
     gx, gw, gb = grads.result(x.dtype)
     return loss, lse, gx, gw, gb, pred, conf, g_target
@@ -142,7 +142,7 @@ def ce_bwd_rows(grad_loss: Tensor, input: Tensor, linear_weight: Tensor,
         if g is not None:
             if not whole:
                 g.mul_(g_rows.unsqueeze(-1))
-            grads.add(i, j, g, x[i:j])
+            grads.add(i, j, g, x[i:j], buf)
         del g
     return (*grads.result(x.dtype), g_target)
 
