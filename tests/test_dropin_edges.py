@@ -302,3 +302,28 @@ def test_softcap_keeps_relative_precision_when_cap_is_large(device, backend, cap
     err = ((ours.double() - exact).abs() / exact).max().item()
     ref = ((theirs.double() - exact).abs() / exact).max().item()
     assert err <= 2 * ref + 1e-8, (err, ref)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("scale,cap", [(80.0, 20.0), (30.0, 5.0)])
+def test_softcap_gradient_where_the_cap_saturates(device, backend, scale, cap):
+    # dz/dx = sech(x/cap)^2: taken as 1 - (z/cap)^2 from the rounded z it cancelled where
+    # |x| >> cap (2-3x torch's error against float64); torch's own autograd rounds tanh once
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 200, generator=g) * scale
+    t = torch.randint(0, 200, (16,), generator=g)
+
+    def grad(fn, xx, **kw):
+        xx = xx.clone().requires_grad_()
+        return torch.autograd.grad(fn(xx, **kw), xx)[0].double().cpu()
+
+    def capped(xx):
+        return tF.cross_entropy(cap * torch.tanh(xx / cap), t.to(xx.device))
+
+    exact = grad(capped, x.double())
+    theirs = grad(capped, x)
+    ours = grad(lambda xx: fusedloss.cross_entropy(xx, t.to(device), softcap=cap,
+                                                   backend=backend), x.to(device))
+    err = ((ours - exact).norm() / exact.norm()).item()
+    ref = ((theirs - exact).norm() / exact.norm()).item()
+    assert err <= 1.5 * ref, (err, ref)

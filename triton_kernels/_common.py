@@ -131,6 +131,15 @@ def tanh(a):
 
 
 @triton.jit
+def sech2(a):
+    """d tanh(a) / da = sech(a)^2 = 4 e / (1 + e)^2 with e = exp(-2|a|): relative precision
+    where 1 - tanh(a)^2 cancels (|a| >> 1, soft-capping's saturated logits)."""
+    e = tl.exp(-2.0 * tl.abs(a))
+    d = 1.0 + e
+    return 4.0 * e / (d * d)
+
+
+@triton.jit
 def log1p_small(e):
     """log(1 + e) for e in [0, 1] from one log, within a few ulp: Goldberg's
     log(u) * e / (u - 1) with u = 1 + e (the rounding of u cancels in the ratio); u == 1 means

@@ -23,7 +23,7 @@ targets and v_c = w_c y'_c (y' = (1-eps) y + eps/C) for probability targets. So
 and the gradient of the loss w.r.t. z (d lse / d z_c = p_c), with k = 2 lse_square_scale lse:
     index:  dz_c = p_c ((1-eps) w_t + (eps/C) W + k) - (1-eps) w_t [c == t] - (eps/C) w_c
     probs:  dz_c = p_c (S + k) - w_c y'_c
-    softcap: dx_c = dz_c * dz/dx = dz_c (1 - (z_c / cap)^2)
+    softcap: dx_c = dz_c * dz/dx = dz_c sech(x_c / cap)^2 (= 1 - (z_c / cap)^2, no cancellation)
 times g (grad_scale, or the per-row incoming gradient in backward). Ignored rows: loss 0,
 gradient exactly 0 (a `where`, not a product, so an infinite g cannot make NaN). A row holding
 +inf (softcap off) has a NaN loss, gradient and confidence, as torch's log_softmax gives.
@@ -65,6 +65,7 @@ from ._common import (
     acc_torch,
     dummy,
     on_device,
+    sech2,
     signature,
     softmax_config,
     softmax_configs,
@@ -182,8 +183,7 @@ def _row_grad(x_row, y_row, w_ptr, g_row, C, t, w_t, eps, inv_c, cap, r, p_mul, 
             y = tl.load(y_row + cols, mask=mask, other=0.0).to(ACC)
             dz -= w * (y * (1.0 - eps) + eps * inv_c)
         if SOFTCAP:
-            q = z / cap
-            dz = dz * (1.0 - q * q)
+            dz = dz * sech2(x / cap)
         out = tl.where(zero_row, 0.0, g * dz)
         tl.store(g_row + cols, out.to(g_row.dtype.element_ty), mask=mask)
 

@@ -10,7 +10,8 @@
 //   dz_c = p_c ((1-eps) w_t + (eps/C) W + k) - (1-eps) w_t [c == t] - (eps/C) w_c.
 //   Soft targets y' = (1-eps) y + eps/C: loss = sum_c w_c y'_c (lse - z_c) + lse_square_scale lse^2,
 //   dz_c = p_c (S + k) - w_c y'_c with S = sum_c w_c y'_c.
-//   Softcap z = cap tanh(x / cap): dz/dx = 1 - tanh^2 = 1 - (z / cap)^2.
+//   Softcap z = cap tanh(x / cap): dz/dx = sech(x / cap)^2 (= 1 - (z / cap)^2, but without the
+//   cancellation where |x| >> cap).
 // In code: dz_c = p_c * coef - sub_c (the [c == t] term is patched after the vector loop).
 // The forward's fused gradient (g = grad_scale) and softmax_ce_bwd (g = grad_loss[r]) run this
 // same code on the same pass-1 results, so they agree bitwise for equal g.
@@ -45,7 +46,6 @@ void row_grad(scalar_t* out, const scalar_t* x, const TargetRow<scalar_t, acc>& 
   const int64_t C = cfg.C;
   const acc epsC = cfg.eps_c();
   const bool sub = cfg.prob || cfg.eps > 0;
-  const Vec vcap(cfg.cap), vone(1);
   // Soft targets: sub_c = w_c (g (1-eps) y_c + g eps/C); smoothing: sub_c = g (eps/C) w_c.
   const Vec vy_scale(g * (1 - cfg.eps)), vy_add(g * epsC), vsub(g * epsC);
   for (int64_t b0 = 0, b = 0; b0 < C; b0 += kBlock, ++b) {
@@ -59,7 +59,7 @@ void row_grad(scalar_t* out, const scalar_t* x, const TargetRow<scalar_t, acc>& 
       if (i < n) vstore_as<scalar_t, acc>(ob + i, vload(eb + i, n - i) * a, n - i);
       continue;
     }
-    const acc* zb = cfg.cap != 0 ? stage_z(x + b0, n, cfg.cap, sc.z.data()) : nullptr;
+    const acc* db = cfg.cap != 0 ? stage_dzdx(x + b0, n, cfg.cap, sc.z.data()) : nullptr;
     const acc* yb = cfg.prob ? stage_y(y, b0, n, sc.y.data()) : nullptr;
     const acc* wb = cfg.w != nullptr ? cfg.w + b0 : nullptr;
     for (int64_t i = 0; i < n; i += V) {
@@ -71,10 +71,7 @@ void row_grad(scalar_t* out, const scalar_t* x, const TargetRow<scalar_t, acc>& 
       } else if (sub) {
         d = d - (wb != nullptr ? vload(wb + i, k) * vsub : vsub);
       }
-      if (cfg.cap != 0) {
-        const Vec zc = vload(zb + i, k) / vcap;
-        d = d * (vone - zc * zc);
-      }
+      if (cfg.cap != 0) d = d * vload(db + i, k);
       vstore_as<scalar_t, acc>(ob + i, d, k);
     }
   }
@@ -88,7 +85,7 @@ void patch_target(scalar_t* out, int64_t t, const RowStats<acc>& st, acc coef, a
   const acc zt = st.zt;
   acc d = std::exp(zt - st.shift) * st.inv_sum * coef - (1 - cfg.eps) * wt;
   if (cfg.eps > 0) d -= cfg.eps_c() * wt;
-  if (cfg.cap != 0) d *= 1 - (zt / cfg.cap) * (zt / cfg.cap);
+  if (cfg.cap != 0) d *= softcap_dzdx(st.xt, cfg.cap);
   out[t] = static_cast<scalar_t>(g * d);
 }
 

@@ -87,6 +87,7 @@ struct RowStats {
   acc lse = -std::numeric_limits<acc>::infinity();
   int64_t arg_block = 0; // block holding the first maximum
   acc zt = 0;            // z[target]
+  acc xt = 0;            // x[target] (the soft cap's derivative is taken from it)
   acc ref = 0;           // a logit of the row: sums of z are taken relative to it (cancellation)
   acc wz = 0;            // sum_c w_c (z_c - ref)           (label smoothing)
   acc wy = 0, wyz = 0;   // sum_c w_c y_c, sum_c w_c y_c (z_c - ref)   (soft targets)
@@ -118,6 +119,33 @@ inline const acc* stage_z(const scalar_t* x, int64_t n, acc cap, acc* buf) {
     vstore(buf + i, (vload(src + i, k) / vcap).tanh() * vcap, k);
   }
   return buf;
+}
+
+// dz/dx of the soft cap for n logits into `buf`: sech(x/cap)^2 = 4 e / (1 + e)^2 with
+// e = exp(-2|x/cap|), relatively precise where 1 - (z/cap)^2 cancels (|x| >> cap).
+template <typename scalar_t, typename acc>
+inline const acc* stage_dzdx(const scalar_t* x, int64_t n, acc cap, acc* buf) {
+  using Vec = Vectorized<acc>;
+  const acc* src = buf;
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    src = x;
+  } else {
+    convert_contig<scalar_t, acc>(x, n, buf);
+  }
+  const Vec vcap(cap), vm2(-2), v1(1), v4(4);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t k = std::min<int64_t>(Vec::size(), n - i);
+    const Vec e = ((vload(src + i, k) / vcap).abs() * vm2).exp();
+    const Vec d = v1 + e;
+    vstore(buf + i, v4 * e / (d * d), k);
+  }
+  return buf;
+}
+
+template <typename acc>
+inline acc softcap_dzdx(acc x, acc cap) {
+  const acc e = std::exp(acc(-2) * std::abs(x / cap));
+  return acc(4) * e / ((1 + e) * (1 + e));
 }
 
 // Columns [b0, b0 + n) of a probability target row in acc precision.
@@ -226,7 +254,10 @@ RowStats<acc> row_stats(const scalar_t* x, const TargetRow<scalar_t, acc>& y, in
     update_max(st, zb, n, b);
     sc.shift[b] = st.shift;
     st.sum += block_exp_sum(zb, n, st.shift, keep_e != nullptr ? keep_e + b0 : nullptr);
-    if (t >= b0 && t < b0 + n) st.zt = zb[t - b0];
+    if (t >= b0 && t < b0 + n) {
+      st.zt = zb[t - b0];
+      st.xt = static_cast<acc>(x[t]);
+    }
     if (need_wz || y.present()) {
       const acc* yb = y.present() ? stage_y(y, b0, n, sc.y.data()) : nullptr;
       block_side_sums(st, zb, yb, cfg.w != nullptr ? cfg.w + b0 : nullptr, n, need_wz);

@@ -223,7 +223,7 @@ __device__ __forceinline__ void ce_row_outputs(const CeArgs& a, const CeConst<A>
 //   class index: coef = (1-eps) w_t + (eps/C) W + 2 s lse,
 //                term  = (1-eps) w_t [c == t] + (eps/C) w_c
 //   probability: coef = S + 2 s lse,  term = w_c y'_c,  y' = (1-eps) y + eps/C
-// then dx = dz * (1 - (z/cap)^2) with softcap, times the scale g (forward: grad_scale; backward:
+// then dx = dz * sech(x/cap)^2 (= 1 - (z/cap)^2) with softcap, times the scale g (forward: grad_scale; backward:
 // grad_loss[row]). Ignored rows are exactly 0; bad-target and +inf rows are NaN.
 template <typename T, typename A>
 __device__ __forceinline__ void ce_gradient_pass(const CeArgs& a, const CeConst<A>& k,
@@ -266,12 +266,10 @@ __device__ __forceinline__ void ce_gradient_pass(const CeArgs& a, const CeConst<
     }
 #pragma unroll
     for (int i = 0; i < V; ++i) {
-      const A z = softcap_z(k, static_cast<A>(px.v[i]));
+      const A x = static_cast<A>(px.v[i]);
+      const A z = softcap_z(k, x);
       A dz = acc_exp(z - tot.sh) * tot.inv_s * coef - term[i];
-      if (k.capped) {
-        const A q = z * k.inv_cap;
-        dz *= A(1) - q * q;
-      }
+      if (k.capped) dz *= softcap_dzdx(k, x);
       out[i] = g * dz;
     }
     store_pack<T, V>(r.g + c.col, r.fg, c.lo, c.hi, out);

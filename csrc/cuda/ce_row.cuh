@@ -74,6 +74,15 @@ __device__ __forceinline__ A softcap_z(const CeConst<A>& k, A x) {
   return k.capped ? k.cap * acc_tanh(x * k.inv_cap) : x;
 }
 
+// dz/dx of the soft cap: sech(x/cap)^2 = 4 e / (1 + e)^2 with e = exp(-2|x/cap|), relatively
+// precise where 1 - (z/cap)^2 cancels (|x| >> cap).
+template <typename A>
+__device__ __forceinline__ A softcap_dzdx(const CeConst<A>& k, A x) {
+  const A e = acc_exp(A(-2) * fabs(x * k.inv_cap));
+  const A d = A(1) + e;
+  return A(4) * e / (d * d);
+}
+
 // Where this thread sits: a warp of 32 lanes (warp rows) or a block of a cluster (block rows).
 struct RowGroup {
   int lane, warp, gtid, gthreads, rank;

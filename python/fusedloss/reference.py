@@ -138,8 +138,8 @@ def softmax_ce_grad(
         else:  # no 0 * inf from an infinite weight of another class
             dz = p * (wt + lse_term).unsqueeze(-1)
         dz = dz.scatter_add(-1, safe.unsqueeze(-1), -wt.unsqueeze(-1))
-    if softcap:
-        dz = dz * (1 - (z / softcap).square())
+    if softcap:  # sech(x/cap)^2 = 1 - (z/cap)^2, without the cancellation where |x| >> cap
+        dz = dz * torch.cosh(x / softcap).pow(-2)
     grad = dz * row_scale.to(x.dtype).reshape(-1, 1)
     if ignored is not None:
         grad = grad.masked_fill(ignored.unsqueeze(-1), 0.0)
