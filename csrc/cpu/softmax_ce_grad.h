@@ -25,11 +25,8 @@ namespace {
 
 template <typename acc>
 acc class_coef(const RowStats<acc>& st, const CeConfig<acc>& cfg, int64_t t) {
-  // the smoothing terms only when eps > 0: an infinite class weight must not reach the other
-  // classes' gradients through 0 * inf (torch's unsmoothed gradient never reads it)
-  const acc smooth = cfg.eps > 0 ? cfg.eps_c() * cfg.W : acc(0);
-  acc coef = cfg.prob ? (1 - cfg.eps) * st.wy + smooth
-                      : (1 - cfg.eps) * (cfg.w != nullptr ? cfg.w[t] : acc(1)) + smooth;
+  acc coef = (1 - cfg.eps) * (cfg.prob ? st.wy : cfg.w != nullptr ? cfg.w[t] : acc(1)) +
+             cfg.eps_c_W();
   if (cfg.lse_square_scale != 0) coef += 2 * cfg.lse_square_scale * st.lse;
   return coef;
 }

@@ -60,6 +60,9 @@ struct CeConfig {
   acc W = 0;                 // sum_c w_c (C without weight)
   bool prob = false;         // probability targets (target.dim() == 2)
   acc eps_c() const { return C > 0 ? eps / static_cast<acc>(C) : acc(0); }
+  // (eps/C) W, the smoothing share of every row's coefficient; 0 without smoothing, so that an
+  // infinite class weight does not reach other rows through 0 * inf
+  acc eps_c_W() const { return eps > 0 ? eps_c() * W : acc(0); }
 };
 
 // Per-task scratch, allocated once per at::parallel_for chunk.
@@ -279,7 +282,7 @@ acc row_loss(const RowStats<acc>& st, const CeConfig<acc>& cfg, int64_t t) {
   const acc epsC = cfg.eps_c();
   acc loss;
   if (cfg.prob) {
-    const acc S = (1 - cfg.eps) * st.wy + (cfg.eps > 0 ? epsC * cfg.W : acc(0));
+    const acc S = (1 - cfg.eps) * st.wy + cfg.eps_c_W();
     loss = S * lse_ref - ((1 - cfg.eps) * st.wyz + epsC * st.wz);
   } else {
     const acc wt = cfg.w != nullptr ? cfg.w[t] : acc(1);
