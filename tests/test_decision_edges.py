@@ -93,3 +93,22 @@ def test_histogram_constructor_arguments():
         name = [k for k in bad if k != "num_classes"] or ["num_classes"]
         with pytest.raises(ValueError, match=name[0]):
             fusedloss.ThresholdHistogram(**bad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_python_float_logit_threshold_at_fp32_edges(backend):
+    # A Python-float logit_threshold becomes the largest fp32 at or below it in Python
+    # arithmetic (no tensor); near fp32's range ends and in the subnormals that floor is easy to
+    # get wrong. For each cut, the fp32 values next to it decode as the float64 comparison says.
+    f32 = torch.float32
+    cuts = [0.1, -1 / 3, 1e-40, -1e-40, 7e-46, -7e-46, -1e-45, 1.5e-45, 3.4028234663852886e38,
+            3.5e38, 1e300, -3.5e38, -1e300, 2.0 ** -126 * (1 - 2 ** -30)]
+    for cut in cuts:
+        c = torch.tensor(cut, dtype=torch.float64)
+        near = c.float()  # nearest fp32 (or +-inf), then its neighbours on both sides
+        x = torch.stack([torch.nextafter(near, torch.tensor(-float("inf"))), near,
+                         torch.nextafter(near, torch.tensor(float("inf")))])
+        x = x[torch.isfinite(x)].to(f32)[None, :]
+        want = (x.double() > cut).tolist()
+        got = fusedloss.sigmoid_decode(x, logit_threshold=cut, backend=backend).labels
+        assert got.tolist() == want, cut

@@ -92,3 +92,29 @@ def test_bce_fullgraph_with_and_without_grad(dev_backend, requires_grad):
     with torch.no_grad():
         m = _compile(fusedloss.BCEWithLogitsLoss(backend=backend), device, backend, "aot_eager")
         assert_close(m(x, y), F.binary_cross_entropy_with_logits(x, y), torch.float32)
+
+
+def test_python_float_thresholds_trace_without_graph_breaks(dev_backend):
+    # Default torch.compile (not fullgraph) of a validation step with a Python-float threshold:
+    # the threshold's conversion to logit space once went through a tensor and `.item()`, four
+    # graph breaks per call. Each float value must still give its own labels (torch.logit of
+    # the float, float64, then the largest fp32 at or below it).
+    device, backend = dev_backend
+    x = torch.randn(64, 5, device=device)
+    y = (torch.rand(64, 5, device=device) > 0.5).float()
+
+    def step(a, b, threshold=None, logit_threshold=None):
+        o = fusedloss.binary_cross_entropy_with_logits(
+            a, b, threshold=threshold, logit_threshold=logit_threshold, return_counts=True,
+            backend=backend)
+        return o.loss, o.labels, o.counts
+
+    for kw in ({"threshold": 0.3}, {"logit_threshold": -0.25}):
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(step)(x, y, **kw).graph_break_count == 0, kw
+    torch._dynamo.reset()
+    fn = torch.compile(step, backend="aot_eager")
+    for t in (0.3, 0.7, 0.55):
+        cut = torch.logit(torch.tensor(t, dtype=torch.float64)).item()
+        assert torch.equal(fn(x, y, threshold=t)[1], x.double() > cut), t
+        assert torch.equal(fn(x, y, logit_threshold=cut)[1], x.double() > cut), t

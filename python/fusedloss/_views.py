@@ -185,8 +185,24 @@ def logit_threshold(threshold, logit_thr, num_classes: int, device) -> Tensor | 
         raise ValueError("logit_threshold is NaN")
     # the floor on the host number, then a fill on the device: no host-to-device copy (on
     # CUDA a pageable copy would synchronise the stream on every call)
-    floor = fp32_floor(torch.tensor(float(value), dtype=torch.float64)).item()
-    return torch.full((num_classes,), floor, dtype=torch.float32, device=device)
+    return torch.full((num_classes,), fp32_floor_number(float(value)), dtype=torch.float32,
+                      device=device)
+
+
+_FLT_MAX = 3.4028234663852886e38
+
+
+def fp32_floor_number(v: float) -> float:
+    """`fp32_floor` of one Python float, in float64 arithmetic that is exact: no tensor and no
+    `.item()`, so nothing for torch.compile to break its graph on."""
+    if math.isnan(v) or math.isinf(v):
+        return v
+    e = math.frexp(v)[1]  # |v| in [2^(e-1), 2^e), where fp32's spacing is 2^(e-24)
+    q = 2.0 ** (max(e, -125) - 24)  # below 2^-126 the subnormals' spacing, 2^-149
+    r = math.floor(v / q) * q
+    if r > _FLT_MAX:  # between FLT_MAX and 2^128: FLT_MAX is the largest fp32 <= v
+        return _FLT_MAX
+    return -math.inf if r < -_FLT_MAX else r
 
 
 def fp32_floor(t: Tensor) -> Tensor:

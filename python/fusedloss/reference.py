@@ -206,8 +206,12 @@ def logit_threshold(threshold: Tensor | float) -> Tensor | float:
     """Probability threshold -> the logit-space threshold the decoding compares against."""
     if isinstance(threshold, Tensor):
         return torch.logit(threshold.to(torch.float64)).float()
+    # a Python float in Python arithmetic, as torch.logit computes it (log(t / (1 - t)) in
+    # float64, -inf at 0, inf at 1, NaN outside [0, 1]): no tensor for torch.compile to break on
     t = float(threshold)
-    return float(torch.logit(torch.tensor(t, dtype=torch.float64)))
+    if not 0.0 < t < 1.0:
+        return -math.inf if t == 0.0 else math.inf if t == 1.0 else math.nan
+    return math.log(t / (1.0 - t))
 
 
 def sigmoid_decode(logits: Tensor, threshold: Tensor) -> Tensor:
