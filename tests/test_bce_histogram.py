@@ -92,11 +92,14 @@ def test_fused_histogram_equals_oracle(dev_backend, case):
 # an edge by a margin); (-16, 16) / 1024 and (-4, 4) / 64: widths of a power of two, where it
 # maps every edge exactly onto an integer and takes the search only on an integer
 EDGE_RANGES = [dict(bins=1000, range=(-7.3, 5.1)), dict(bins=1024, range=(-16.0, 16.0)),
-               dict(bins=64, range=(-4.0, 4.0))]
+               dict(bins=64, range=(-4.0, 4.0)),
+               # wider than fp32's range: x - e_0 overflows for logits inside the edges
+               dict(bins=4, range=(-3e38, 3e38)), dict(bins=torch.tensor([-3.4e38, 0.0, 3.4e38]))]
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf logits: the loss is NaN
-@pytest.mark.parametrize("opts", EDGE_RANGES, ids=lambda o: f"{o['bins']}bins")
+@pytest.mark.parametrize("opts", EDGE_RANGES, ids=lambda o: f"{o['bins'].numel() - 1}edges"
+                         if isinstance(o["bins"], torch.Tensor) else f"{o['bins']}bins-{o['range'][1]:g}")
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "loss-only"])
 def test_values_on_and_next_to_edges(dev_backend, opts, grad):
     """Right-closed bins: a logit equal to an edge is in the bin below it, its float32
@@ -108,10 +111,12 @@ def test_values_on_and_next_to_edges(dev_backend, opts, grad):
                    torch.tensor([float("inf"), -float("inf"), 1e30, -1e30])])
     # wide rather than tall (few row tiles under the Triton interpreter): every class gets a
     # different slice of the values, the oracle bins each class on its own
+    x = x.repeat(-(-64 // x.numel()))  # at least one row, with few edges too
     x = torch.cat([x, x[: (-x.numel()) % 64]]).reshape(-1, 64)
     y = (torch.arange(x.numel()).reshape(x.shape) % 3 == 0)
     x = torch.cat([x, x + 2.0 ** -12, x - 3.0 ** -9])  # off the grid, between two edges
-    y = torch.cat([y, y, ~y])
+    x = torch.cat([x, torch.linspace(-1.0, 1.0, x.shape[1])[None] * e[-1].clamp(max=3.4e38)])
+    y = torch.cat([y, y, ~y, y[:1]])
     expected = _oracle(x, y, **opts)
     _fused(_backend.get(backend, device).ops, x.to(device), y.to(device), h.edges, h.counts,
            compute_grad=grad)

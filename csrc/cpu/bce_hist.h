@@ -52,6 +52,9 @@ struct HistBinner {
     lo = acc(e[0]);
     scale = acc(double(n - 1) / (double(e[n - 1]) - double(e[0])));
     if (!std::isfinite(double(scale)) || !(scale > 0)) return;
+    // x - e_0 must not overflow in acc for an x inside the edges (it became inf and took the
+    // last bin with edges wider than acc's range, e.g. +-3e38 in fp32): the search decides then
+    if (!std::isfinite(acc(e[n - 1]) - acc(e[0]))) return;
     double dev = 0;
     for (int64_t k = 0; k < n; ++k) {
       dev = std::max(dev, std::abs((double(e[k]) - double(lo)) * double(scale) - double(k)));
