@@ -250,3 +250,65 @@ def test_small_chunks_grad_input_as_accurate_as_torch(kind, chunk_size):
         err = ((ours[rows] - exact[rows]).norm() / exact[rows].norm()).item()
         ref = ((theirs[rows] - exact[rows]).norm() / exact[rows].norm()).item()
         assert err <= 2 * ref + 1e-8, (rows, err, ref)
+
+
+def _linear_pair(kind, backend):
+    if kind == "ce":
+        return (lambda x, w, t: fusedloss.linear_cross_entropy(x, w, t, backend=backend),
+                lambda x, w, t: tF.cross_entropy(tF.linear(x, w), t))
+    return (lambda x, w, y: fusedloss.linear_binary_cross_entropy_with_logits(
+                x, w, y, backend=backend),
+            lambda x, w, y: tF.binary_cross_entropy_with_logits(tF.linear(x, w), y))
+
+
+def _linear_target(kind, g, device):
+    if kind == "ce":
+        return torch.randint(0, 13, (6,), generator=g).to(device)
+    return (torch.rand(6, 13, generator=g) < 0.4).to(device, F64)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("kind", ["ce", "bce"])
+def test_jacobian_vectorized(device, backend, kind):
+    # vectorize=True vmaps the backward over a batched incoming gradient, which the in-place
+    # scaling of the forward's gradients had no batching rule for (RuntimeError)
+    x, w, g = _head(device=device)
+    x, w = x.double(), w.double()
+    t = _linear_target(kind, g, device)
+    ours, theirs = _linear_pair(kind, backend)
+    for vec in (True, False):
+        got = torch.autograd.functional.jacobian(lambda w_: ours(x, w_, t), w, vectorize=vec)
+        want = torch.autograd.functional.jacobian(lambda w_: theirs(x, w_, t), w)
+        torch.testing.assert_close(got, want, msg=f"vectorize={vec}")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("kind", ["ce", "bce"])
+def test_forward_ad_dual_tensors(device, backend, kind):
+    # torch.autograd.forward_ad through the linear losses: the chunked Function has no jvp
+    # (NotImplementedError), so dual tensors take F.linear and the backend's loss, which has one
+    import torch.autograd.forward_ad as fwAD
+
+    x, w, g = _head(device=device)
+    x, w = x.double(), w.double()
+    t = _linear_target(kind, g, device)
+    dx, dw = torch.randn_like(x), torch.randn_like(w)
+    ours, theirs = _linear_pair(kind, backend)
+    out = []
+    for fn in (ours, theirs):
+        with fwAD.dual_level():
+            y = fn(fwAD.make_dual(x, dx), fwAD.make_dual(w, dw), t)
+            out.append(fwAD.unpack_dual(y))
+    torch.testing.assert_close(out[0].primal, out[1].primal)
+    torch.testing.assert_close(out[0].tangent, out[1].tangent)
+
+
+def test_ignore_index_none_is_torchs_default():
+    # torch's F.linear_cross_entropy takes ignore_index=None and means -100 by it
+    x, w, g = _head()
+    t = torch.randint(0, 13, (6,), generator=g)
+    t[1] = -100
+    want = tF.cross_entropy(tF.linear(x, w), t)
+    torch.testing.assert_close(fusedloss.linear_cross_entropy(x, w, t, ignore_index=None), want)
+    loss = fusedloss.LinearCrossEntropyLoss(ignore_index=None)
+    torch.testing.assert_close(loss(x, w, t), want)

@@ -33,6 +33,19 @@ def functorch_active() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def exporting() -> bool:
+    """True while torch.export traces (strict or not). The exported graph must then hold
+    differentiable torch ops: an autograd.Function's forward is captured under no_grad (strict:
+    the loss silently dropped out of the gradients) and the fused ops have no autograd formula
+    (non-strict: backward of the exported module raised)."""
+    return torch.compiler.is_exporting()
+
+
+def forward_ad_active() -> bool:
+    """Inside torch.autograd.forward_ad.dual_level() (dual tensors may flow in)."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def eager() -> bool:
     """May a check read tensor data (host sync, data-dependent branch)? Not while tracing:
     torch.compile, torch.func transforms, or a FakeTensorMode (tensors with no data)."""

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import _backend, _diff_grads, _vmap_rules
 from . import reference as ref
-from ._checks import functorch_active
+from ._checks import exporting, forward_ad_active, functorch_active
 
 
 class CEConfig(NamedTuple):
@@ -287,8 +287,7 @@ class SigmoidBCEJvpFunction(SigmoidBCEFunction):
 
 
 def _forward_ad_possible() -> bool:
-    return not torch.compiler.is_compiling() and (
-        functorch_active() or torch.autograd.forward_ad._current_level >= 0)
+    return not torch.compiler.is_compiling() and (functorch_active() or forward_ad_active())
 
 
 def _traced_under_functorch() -> bool:
@@ -297,8 +296,8 @@ def _traced_under_functorch() -> bool:
     backward was not used (the fused ops have no autograd formula: the gradient was silently
     zero; the ops' Autograd guard in csrc/ops.cpp now raises instead), and it could not vmap the
     Function it made of them. So the forward runs as plain code on the torch backend, whose ops
-    are differentiable and batchable torch ops."""
-    return torch.compiler.is_compiling() and functorch_active()
+    are differentiable and batchable torch ops. The same for torch.export (_checks.exporting)."""
+    return (torch.compiler.is_compiling() and functorch_active()) or exporting()
 
 
 def ce_apply(logits, target, weight, grad_scale, cfg: CEConfig):

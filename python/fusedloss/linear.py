@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from . import _backend, _promotion, _views
 from . import functional as F
 from . import reference as ref
-from ._checks import functorch_active, has_data
+from ._checks import exporting, forward_ad_active, functorch_active, has_data
 from ._reduction import mean_denominator
 from .linear_bce import LinearBCEFunction
 from .linear_ce import LinearCrossEntropyFunction
@@ -122,9 +122,14 @@ def _ce_options(reduction, ignore_index, label_smoothing, lse_square_scale, soft
             *F._ce_numbers(ignore_index, label_smoothing, lse_square_scale, softcap))
 
 
+def _materialise(b) -> bool:
+    """Whether the linear losses take the reference path, F.linear then the backend's loss."""
+    return b.name == "torch" or functorch_active() or forward_ad_active() or exporting()
+
+
 def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *,
                          linear_bias: Tensor | None = None, weight: Tensor | None = None,
-                         reduction: str = "mean", ignore_index: int = -100,
+                         reduction: str = "mean", ignore_index: int | None = -100,
                          label_smoothing: float = 0.0, backend: str = "auto",
                          lse_square_scale: float = 0.0, softcap: float | None = None,
                          return_decoding: bool = False, chunk_size: int | None = None):
@@ -133,7 +138,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     input (..., H), linear_weight (C, H), target (...) class indices or (..., C)
     probabilities. Options as fusedloss.cross_entropy; chunk_size: rows per chunk (None: the
     rule in docs/linear.md). Returns the loss, or a CrossEntropyOutput with return_decoding.
+    ignore_index=None means -100, as in torch's F.linear_cross_entropy.
     """
+    if ignore_index is None:
+        ignore_index = -100
     x2, linear_weight, linear_bias, batch_shape, classes = _check_linear(
         input, linear_weight, linear_bias)
     reduction, ignore_index, ls, s, cap = _ce_options(reduction, ignore_index,
@@ -152,9 +160,10 @@ def linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, *
     # A class weight that needs its gradient (probability targets) takes the reference path:
     # the chunked ops compute no gradient for it, and autograd would silently give none.
     # So do torch.func transforms (grad, vmap, jacrev...): the chunked autograd.Function has
-    # no vmap rule, while the backend's cross_entropy on the materialised logits has one.
-    if b.name == "torch" or functorch_active() or (weight is not None and weight.requires_grad
-                                                    and torch.is_grad_enabled()):
+    # no vmap rule, while the backend's cross_entropy on the materialised logits has one; and
+    # forward-mode AD (no jvp) and torch.export (see _checks.exporting).
+    if _materialise(b) or (weight is not None and weight.requires_grad
+                           and torch.is_grad_enabled()):
         logits = tF.linear(x2, linear_weight, linear_bias)
         res = F.cross_entropy(logits, target.reshape(t2.shape) if prob else t2, weight,
                               ignore_index=ignore_index,
@@ -241,7 +250,7 @@ def linear_binary_cross_entropy_with_logits(
     if return_counts and thr is None:
         raise ValueError("return_counts=True needs threshold= or logit_threshold=")
     chunk = _chunk_rows(chunk_size, x2, classes, bce=True)
-    if b.name == "torch" or functorch_active():  # torch.func: as in linear_cross_entropy
+    if _materialise(b):  # as in linear_cross_entropy
         logits = tF.linear(x2, linear_weight, linear_bias).reshape(out_shape)
         res = F.binary_cross_entropy_with_logits(
             logits, target, weight, reduction=reduction, pos_weight=pos_weight,
@@ -274,7 +283,7 @@ class LinearCrossEntropyLoss(nn.Module):
     """Holds the options of linear_cross_entropy (not the classifier's weight):
     `loss_fn(hidden, lm_head.weight, target)` or with `linear_bias=lm_head.bias`."""
 
-    def __init__(self, weight: Tensor | None = None, ignore_index: int = -100,
+    def __init__(self, weight: Tensor | None = None, ignore_index: int | None = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, *,
                  backend: str = "auto", lse_square_scale: float = 0.0,
                  softcap: float | None = None, return_decoding: bool = False,

@@ -200,6 +200,6 @@ class LinearBCEFunction(torch.autograd.Function):
                     x, w, b, target, weight, pos_weight, grad_scale, None, backend, chunk,
                     True, *ctx.needs, False)[1:5]
             grads = tuple(g if n else None for g, n in zip(grads, ctx.needs, strict=True))
-            _scale_(_backend.get(backend, x.device).ops, grads, grad_out)
+            grads = _scale_(_backend.get(backend, x.device).ops, grads, grad_out)
         gx, gw, gb, gt = (g if n else None for g, n in zip(grads, ctx.needs, strict=True))
         return (gx, gw, gb, gt) + (None,) * 13

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from . import _backend
 from . import reference as ref
+from ._checks import functorch_active
+from .autograd import _legacy_batched
 from .linear_chunks import LinearGrads, chunk_bounds, chunk_logits, empty, grad_fakes
 
 _NS = "fusedloss_linear"
@@ -173,10 +175,17 @@ def _rows_grad(grad_out: Tensor, grad_scale: Tensor | None, reduction: str,
     return g if grad_scale is None else g * grad_scale
 
 
-def _scale_(ops, grads, grad_out: Tensor) -> None:
+def _scale_(ops, grads, grad_out: Tensor) -> tuple:
+    """The forward's gradients times the incoming gradient: in place, except for a batched
+    incoming gradient (torch.autograd.functional.jacobian(vectorize=True), vmap over backward),
+    which the in-place op has no batching rule for."""
+    if functorch_active() or _legacy_batched(grad_out):
+        return tuple(None if g is None else
+                     (g.to(ref.compute_dtype(g.dtype)) * grad_out).to(g.dtype) for g in grads)
     for g in grads:
         if g is not None:
             ops.scale_grad_(g, grad_out)
+    return grads
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -231,6 +240,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     x, w, b, target, weight, grad_scale, *ctx.opts, *ctx.needs, False)
                 grads = (grads[2], grads[3], grads[4], grads[7])
             grads = tuple(g if n else None for g, n in zip(grads, ctx.needs, strict=True))
-            _scale_(_backend.get(ctx.opts[0], x.device).ops, grads, grad_out)
+            grads = _scale_(_backend.get(ctx.opts[0], x.device).ops, grads, grad_out)
         gx, gw, gb, gt = (g if n else None for g, n in zip(grads, ctx.needs, strict=True))
         return (gx, gw, gb, gt) + (None,) * 15
