@@ -306,10 +306,23 @@ def test_chunked_classes_match(monkeypatch):
     (dict(metric="precision_at_recall", min_recall=1.5), "min_recall"),
     (dict(metric="f1", min_recall=0.5), "min_recall is only used"),
     (dict(average="macro"), "average must be"),
+    # beta^2 overflowed (OverflowError from the tuner's arithmetic)
+    (dict(metric="fbeta", beta=1e200), "beta must be"),
+    (dict(metric="fbeta", beta=1e200, average="micro_per_class"), "beta must be"),
 ])
 def test_bad_arguments(kwargs, match):
     x, y = torch.zeros(3, 2), torch.zeros(3, 2)
     with pytest.raises(ValueError, match=match):
+        tune_thresholds(x, y, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(metric="fbeta", beta="2"), "beta must be a number"),  # was accepted as 2
+    (dict(from_logits="no"), "from_logits must be a bool"),     # was taken as true
+])
+def test_argument_types(kwargs, match):
+    x, y = torch.zeros(3, 2), torch.zeros(3, 2)
+    with pytest.raises(TypeError, match=match):
         tune_thresholds(x, y, **kwargs)
 
 

@@ -145,6 +145,12 @@ def test_histogram_merge_and_dtypes():
         a.merge(ThresholdHistogram(3, bins=16, range=(-3, 3)))
 
 
+def test_histogram_numpy_integer_arguments():
+    np = pytest.importorskip("numpy")
+    h = ThresholdHistogram(np.int64(3), bins=np.int64(8), range=(-2.0, 2.0))
+    assert (h.num_classes, h.edges.tolist()) == (3, [-2.0 + 0.5 * k for k in range(9)])
+
+
 def test_histogram_bad_inputs():
     with pytest.raises(ValueError, match="num_classes"):
         ThresholdHistogram(0)
@@ -152,7 +158,12 @@ def test_histogram_bad_inputs():
         ThresholdHistogram(2, range=(1.0, 1.0))
     with pytest.raises(ValueError, match="strictly increasing"):
         ThresholdHistogram(2, bins=torch.tensor([0.0, 0.0, 1.0]))
+    for edges in (torch.tensor(64.0), torch.tensor([[0.0, 1.0], [2.0, 3.0]])):
+        with pytest.raises(ValueError, match="1-D tensor"):  # were flattened silently
+            ThresholdHistogram(2, bins=edges)
     h = ThresholdHistogram(2, bins=8)
+    with pytest.raises(TypeError, match="ThresholdHistogram"):
+        h.merge(5)
     with pytest.raises(RuntimeError, match="empty"):
         h.tune()
     with pytest.raises(ValueError, match=r"shape \(\.\.\., 2\)"):

@@ -201,9 +201,11 @@ def test_resampling_bad_arguments():
     x, y = torch.zeros(6, 2), torch.zeros(6, 2)
     for kw, match in [({"resamples": 0}, "resamples"), ({"resamples": 2.0}, "resamples"),
                       ({"level": 1.0}, "level"), ({"seed": "a"}, "seed"),
-                      ({"average": "macro"}, "average")]:
+                      ({"average": "macro"}, "average"), ({"seed": 2**70}, "seed")]:
         with pytest.raises(ValueError, match=match):
             bootstrap_thresholds(x, y, **kw)
+    with pytest.raises(TypeError, match="level"):  # raised only after every resample
+        bootstrap_thresholds(x, y, level="0.9", resamples=2)
     with pytest.raises(ValueError, match="at least 2 distinct fold ids"):
         cross_validate_thresholds(x, y, torch.zeros(6, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"sample shape \(6,\)"):

@@ -6,6 +6,8 @@ The conventions themselves are stated once, in the package docstring (`fusedloss
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -90,8 +92,12 @@ def _check_metric(metric: str, beta: float, min_recall: float | None, average: s
         raise ValueError(f"average='micro_per_class' supports metric in "
                          f"{MICRO_PER_CLASS_METRICS}, got metric={metric!r}")
     if metric == "fbeta":
-        if not (float(beta) > 0 and float(beta) < float("inf")):
-            raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+        if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+            raise TypeError(f"beta must be a number, got {type(beta).__name__}: {beta!r}")
+        # beta^2 weighs recall: it must be finite too (1e200 ** 2 raised OverflowError later)
+        if not (float(beta) > 0 and math.isfinite(float(beta) * float(beta))):
+            raise ValueError(f"beta must be a positive number whose square is finite, got "
+                             f"{beta!r}")
     elif beta != 1.0:
         raise ValueError(f"beta is only used by metric='fbeta', got beta={beta!r} with "
                          f"metric={metric!r}")
@@ -183,6 +189,9 @@ def _logit(p: Tensor) -> Tensor:
 
 def _prepare(scores: Tensor, targets: Tensor, from_logits: bool):
     """Validate, return (scores (N, C) in the comparison dtype, positives (N, C) bool)."""
+    if not isinstance(from_logits, bool):
+        raise TypeError(f"from_logits must be a bool, got {type(from_logits).__name__}: "
+                        f"{from_logits!r}")
     if not isinstance(scores, Tensor):
         raise TypeError(f"scores must be a Tensor, got {type(scores).__name__}")
     if not scores.is_floating_point():

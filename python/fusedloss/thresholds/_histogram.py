@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -43,17 +45,23 @@ class ThresholdHistogram:
     def __init__(self, num_classes: int, bins: int | Tensor = 1024,
                  range: tuple[float, float] = (-16.0, 16.0),  # noqa: A002 (numpy's name)
                  device: torch.device | str | None = None):
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) \
+                or num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        num_classes = int(num_classes)
         if isinstance(bins, Tensor):
-            edges = bins.detach().to(torch.float64).flatten().cpu()
+            if bins.dim() != 1:
+                raise ValueError(f"bins (edges) must be a non-empty 1-D tensor, got shape "
+                                 f"{list(bins.shape)}")
+            edges = bins.detach().to(torch.float64).cpu()
             if edges.numel() < 1 or not bool(torch.isfinite(edges.to(torch.float32)).all()):
                 # (checked in float32, where the edges live: 1e39 is finite only in float64)
                 raise ValueError("bins (edges) must be a non-empty 1-D tensor of values finite "
                                  "in float32")
         else:
-            if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+            if isinstance(bins, bool) or not isinstance(bins, numbers.Integral) or bins < 1:
                 raise ValueError(f"bins must be a positive int or a tensor of edges, got {bins!r}")
+            bins = int(bins)
             if len(range) != 2:
                 raise ValueError(f"range must be (lo, hi), got {range!r}")
             lo, hi = (float(v) for v in range)
@@ -125,6 +133,8 @@ class ThresholdHistogram:
 
     def merge(self, other: ThresholdHistogram) -> ThresholdHistogram:
         """Add another histogram with the same classes and edges (e.g. from another worker)."""
+        if not isinstance(other, ThresholdHistogram):
+            raise TypeError(f"merge takes a ThresholdHistogram, got {type(other).__name__}")
         if (other.num_classes != self.num_classes or other.edges.numel() != self.edges.numel()
                 or not torch.equal(other.edges.cpu(), self.edges.cpu())):
             raise ValueError("merge needs histograms with the same num_classes and bin edges")

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -85,10 +86,14 @@ def _pooled(average: str) -> str:
 def _check_bootstrap(resamples: int, level: float, seed: int) -> None:
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
         raise ValueError(f"resamples must be a positive int, got {resamples!r}")
+    if isinstance(level, bool) or not isinstance(level, numbers.Real):
+        raise TypeError(f"level must be a number, got {type(level).__name__}: {level!r}")
     if not (0.0 < float(level) < 1.0):
         raise ValueError(f"level must lie in (0, 1), got {level!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    if not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"seed must fit in 64 bits, got {seed!r}")
 
 
 def _interval(samples: Tensor, level: float) -> Tensor:
