@@ -327,3 +327,46 @@ def test_softcap_gradient_where_the_cap_saturates(device, backend, scale, cap):
     err = ((ours - exact).norm() / exact.norm()).item()
     ref = ((theirs - exact).norm() / exact.norm()).item()
     assert err <= 1.5 * ref, (err, ref)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf * 0 untaken
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # (Triton interpreter)
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_an_infinite_pos_weight_where_softplus_underflows(device, backend, dtype):
+    # inf * softplus(-x), softplus(-x) > 0: +inf as torch gives, also where log1p(exp(-|x|))
+    # rounds to 0 (x << 0) or exp flushes (x = 88 in fp32): inf * 0 made it NaN
+    x = torch.tensor([[-1e4, -104.0, -5.0, 0.5, 88.0]], dtype=dtype, device=device)
+    pw = torch.full((5,), float("inf"), dtype=dtype, device=device)
+    for y0 in (1.0, 0.25):
+        y = torch.full_like(x, y0)
+        want = tF.binary_cross_entropy_with_logits(x, y, pos_weight=pw, reduction="none")
+        assert torch.isposinf(want).all()  # the oracle
+        for reduction in ("none", "mean"):
+            got = fusedloss.binary_cross_entropy_with_logits(
+                x, y, pos_weight=pw, reduction=reduction, backend=backend)
+            assert torch.isposinf(got).all(), (y0, reduction, got)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf * 0 untaken
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # (Triton interpreter)
+@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("dtype,big", [(torch.float32, 3e38), (F64, 1.5e308)])
+def test_smoothing_sums_over_logits_wider_than_the_range(device, backend, dtype, big):
+    # the smoothing / soft-target sums were taken relative to the first logit: z - z_0
+    # summed past the range for [0, big, big] (each term fits) and the loss came out -inf;
+    # torch's is finite
+    x = torch.tensor([[0.0, big, big], [big, big, 0.0], [-big / 8, 0.9 * big, 0.9 * big]],
+                     dtype=dtype)
+    t = torch.tensor([1, 0, 0])
+    w = torch.tensor([0.5, 1.0, 2.0], dtype=dtype)
+    p = torch.tensor([[0.2, 0.4, 0.4], [0.5, 0.25, 0.25], [0.6, 0.3, 0.1]], dtype=dtype)
+    for target, kw in ((t, dict(label_smoothing=0.1)), (t, dict(label_smoothing=0.1, weight=w)),
+                       (p, {}), (p, dict(label_smoothing=0.2))):
+        want = tF.cross_entropy(x, target, reduction="none", **kw)
+        # the oracle: finite except where torch's own weighted sum passes the range
+        assert torch.isfinite(want).sum() >= 2
+        got = fusedloss.cross_entropy(
+            x.to(device), target.to(device), reduction="none", backend=backend,
+            **{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=0, msg=str(kw))

@@ -144,8 +144,12 @@ def _sigmoid_bce_kernel(
                 py = y * tl.load(pw_ptr + _offsets(r2, c2, sp_r, sp_c, COLS_CONTIG), mask=mask,
                                  other=0.0).to(ACC)
             if LOSS != 0:
+                # an infinite coefficient of softplus(-x) > 0 gives its infinity (no inf * 0
+                # where log1p(e) has rounded to 0)
+                coef = 1.0 + py - y
+                soft = tl.where(tl.abs(coef) == float("inf"), coef, coef * log1p_small(e))
                 loss = w * ((1.0 - y) * tl.maximum(x, 0.0) - tl.where(x < 0.0, py * x, 0.0)
-                            + (1.0 + py - y) * log1p_small(e))
+                            + soft)
                 if LOSS == 1:
                     tl.store(loss_ptr + out, loss.to(loss_ptr.dtype.element_ty), mask=mask)
                 else:

@@ -66,9 +66,14 @@ inline Vectorized<T> bce_loss(const Vectorized<T>& x, const Vectorized<T>& y,
   const Vectorized<T> zero(0), one(1);
   const Vectorized<T> pos = at::vec::maximum(x, zero), neg = at::vec::minimum(x, zero);
   if (!has_pw) return (one - y) * pos - y * neg + log1p_unit(e);
-  // p y min(x, 0) is 0 for x >= 0 even for an infinite pos_weight (torch: +inf, not inf * 0)
+  // p y min(x, 0) is 0 for x >= 0 even for an infinite pos_weight (torch: +inf, not inf * 0);
+  // an infinite coefficient of softplus(-x) > 0 gives its infinity, also where log1p(e) has
+  // rounded to 0 (x << 0, or e flushed to 0 beyond |x| ~ 87 in fp32)
   const Vectorized<T> pyn = Vectorized<T>::blendv(zero, p * y * neg, neg < zero);
-  return (one - y) * pos - pyn + (one + (p - one) * y) * log1p_unit(e);
+  const Vectorized<T> coef = one + (p - one) * y;
+  const Vectorized<T> soft = Vectorized<T>::blendv(
+      coef * log1p_unit(e), coef, coef.abs() == Vectorized<T>(std::numeric_limits<T>::infinity()));
+  return (one - y) * pos - pyn + soft;
 }
 
 struct BceJob {

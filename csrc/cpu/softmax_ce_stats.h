@@ -266,6 +266,20 @@ RowStats<acc> row_stats(const scalar_t* x, const TargetRow<scalar_t, acc>& y, in
       block_side_sums(st, zb, yb, cfg.w != nullptr ? cfg.w + b0 : nullptr, n, need_wz);
     }
   }
+  if ((need_wz || y.present()) && std::isfinite(st.m) && st.ref != st.m &&
+      !(std::isfinite(st.wz) && std::isfinite(st.wyz))) {
+    // Logits further apart than acc's range (3e38 and 0 in fp32): a z - ref overflowed. Again,
+    // relative to the max, where no term exceeds the answer's own lse - z_c (rows holding an
+    // infinite or NaN sum for other reasons merely take this second pass to the same result).
+    st.ref = st.m;
+    st.wz = st.wy = st.wyz = 0;
+    for (int64_t b0 = 0; b0 < C; b0 += kBlock) {
+      const int64_t n = std::min(kBlock, C - b0);
+      const acc* zb = stage_z(x + b0, n, cfg.cap, sc.z.data());
+      const acc* yb = y.present() ? stage_y(y, b0, n, sc.y.data()) : nullptr;
+      block_side_sums(st, zb, yb, cfg.w != nullptr ? cfg.w + b0 : nullptr, n, need_wz);
+    }
+  }
   st.inv_sum = acc(1) / st.sum;
   st.lse = st.shift + std::log(st.sum);
   return st;

@@ -183,8 +183,11 @@ __device__ __forceinline__ acc_t<T> bce_chunk(const BceArgs& a, int64_t row, int
     const A inv = A(1) / (A(1) + e);
     const A sig = x >= A(0) ? inv : e * inv;
     const A py = p * y[k];
+    // an infinite coefficient of softplus(-x) > 0 gives its infinity (no inf * 0 where
+    // log1p(e) has rounded to 0)
+    const A coef = A(1) + (p - A(1)) * y[k];
     lv[k] = want_loss ? w * ((A(1) - y[k]) * fmax(x, A(0)) - (x < A(0) ? py * x : A(0)) +
-                             (A(1) + (p - A(1)) * y[k]) * acc_log1p(e))
+                             (isinf(coef) ? coef : coef * acc_log1p(e)))
                       : A(0);
     if (in) sum += lv[k];
     if (want_grad) {

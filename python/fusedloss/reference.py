@@ -174,8 +174,12 @@ def sigmoid_bce_elem(
         loss = (1 - y) * pos - y * neg + log1p_e
     else:
         p = pos_weight.to(x.dtype)
-        # p y min(x, 0) is 0 for x >= 0 even for an infinite pos_weight (no inf * 0)
-        loss = (1 - y) * pos - torch.where(x < 0, p * y * neg, 0.0) + (1 + (p - 1) * y) * log1p_e
+        # p y min(x, 0) is 0 for x >= 0 even for an infinite pos_weight (no inf * 0); an
+        # infinite coefficient of softplus(-x) > 0 gives its infinity, also where log1p(e)
+        # has rounded to 0 (no inf * 0)
+        coef = 1 + (p - 1) * y
+        soft = torch.where(torch.isinf(coef), coef, coef * log1p_e)
+        loss = (1 - y) * pos - torch.where(x < 0, p * y * neg, 0.0) + soft
     if weight is not None:
         loss = loss * weight.to(x.dtype)
     return loss
