@@ -200,6 +200,9 @@ BAD_TARGETS = [  # (id, input, target): torch checks the batch size before the d
                                                                         device=x.device)),
     ("(C,) input, 3 targets", lambda x: x[0], lambda x: torch.ones(3, dtype=torch.long,
                                                                    device=x.device)),
+    # torch's spatial losses take Long targets only (uint8 works for (N, C) inputs alone)
+    ("K-dim input, uint8 target", lambda x: x.reshape(2, 3, 4),
+     lambda x: torch.ones(2, 4, dtype=torch.uint8, device=x.device)),
 ]
 
 
@@ -261,3 +264,21 @@ def test_meta_tensors_propagate_shapes(kw):
 def test_nan_label_smoothing_says_nan():
     with pytest.raises(ValueError, match="label_smoothing must be a number, got nan"):
         fusedloss.cross_entropy(_x("cpu"), _t("cpu"), label_smoothing=float("nan"))
+
+
+def test_decoding_arguments_checked_as_the_losses_check_them(dev_backend):
+    device, backend = dev_backend
+    x = _x(device)
+    for cap in (0.0, float("inf")):  # 0 was taken as "off" by softmax_decode alone
+        with pytest.raises(ValueError, match="softcap"):
+            fusedloss.softmax_decode(x, softcap=cap, backend=backend)
+        with pytest.raises(ValueError, match="softcap"):
+            fusedloss.cross_entropy(x, _t(device), softcap=cap, backend=backend)
+    for kw in (dict(threshold=torch.full((C,), 0.5 + 0.1j)),  # the imaginary part was dropped
+               dict(logit_threshold=torch.zeros(C, dtype=torch.complex64))):
+        with pytest.raises(TypeError, match="must be real"):
+            fusedloss.sigmoid_decode(x, backend=backend, **kw)
+    with pytest.raises(RuntimeError, match="meta"):
+        fusedloss.binary_cross_entropy_with_logits(
+            x, torch.zeros_like(x), threshold=torch.full((C,), 0.5, device="meta"),
+            backend=backend)

@@ -75,6 +75,9 @@ def ce_views(input: Tensor, target: Tensor, ignore_index: int):
         # an unbatched (C,) input gives a 0-d loss, for a () or a (1,) target alike (as torch)
         return rows(input.unsqueeze(0)), target.reshape(1).long(), (), False
     _check_index_target_shape(input, target)
+    if input.dim() > 2 and target.dtype != torch.int64:  # torch's spatial losses take Long only
+        raise RuntimeError(f"expected scalar type Long but found {dtype_name(target.dtype)} "
+                           "(target: class indices of a K-dim input (N, C, d1, ...))")
     x2 = input if input.dim() == 2 else classes_last(input.movedim(1, -1))
     return rows(x2), target.reshape(-1).long().contiguous(), target.shape, False
 
@@ -163,6 +166,11 @@ def logit_threshold(threshold, logit_thr, num_classes: int, device) -> Tensor | 
     name, value = ("threshold", threshold) if threshold is not None \
         else ("logit_threshold", logit_thr)
     if isinstance(value, Tensor):
+        if value.is_complex():  # .to(float64) would drop the imaginary part
+            raise TypeError(f"{name} must be real, got a {dtype_name(value.dtype)} tensor")
+        if value.device.type == "meta" and torch.device(device).type != "meta":
+            raise RuntimeError(f"{name} is a meta tensor (no data), while the logits are on "
+                               f"{device}")
         if value.dim() > 1 or value.numel() not in (1, num_classes):
             raise ValueError(f"{name} must be a scalar or have one value per class "
                              f"({num_classes}), got shape {list(value.shape)}")

@@ -121,12 +121,17 @@ def _ce_numbers(ignore_index, label_smoothing, lse_square_scale, softcap):
     if not is_symbolic(ls) and not 0.0 <= ls <= 1.0:
         raise RuntimeError(f"label_smoothing must be between 0.0 and 1.0. Got: {ls}")
     s = check_number("lse_square_scale", lse_square_scale, 0.0)
+    return ignore_index, ls, s, _softcap(softcap)
+
+
+def _softcap(softcap) -> float:
+    """The validated soft cap, 0.0 for None (off)."""
     if softcap is None:
-        return ignore_index, ls, s, 0.0
+        return 0.0
     cap = check_number("softcap", softcap)
     if not is_symbolic(cap) and not 0.0 < cap < math.inf:
         raise ValueError(f"softcap must be a finite number > 0 (or None to disable), got {cap}")
-    return ignore_index, ls, s, cap
+    return cap
 
 
 def _ce_grad_scale(x2: Tensor, t2: Tensor, weight: Tensor | None, prob: bool,
@@ -258,7 +263,7 @@ def softmax_decode(logits: Tensor, *, softcap: float | None = None,
     check_floating_input("logits", logits, "softmax_decode")
     if logits.dim() == 0:
         raise ValueError("logits must have a class dimension (the last), got a 0-d tensor")
-    cap = 0.0 if softcap is None else check_number("softcap", softcap, 0.0)
+    cap = _softcap(softcap)  # cross_entropy's rule: 0 and inf raise, None is off
     b = _backend.get(backend, logits.device)
     x2 = _views.rows(_views.classes_last(logits.detach()))  # decodings: not differentiable
     pred, conf = b.ops.softmax_decode(x2, cap)
