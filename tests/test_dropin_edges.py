@@ -249,8 +249,9 @@ def test_modules_check_reduction_at_forward_as_torch(module):
 
 
 @pytest.mark.parametrize("device,backend", CASES)
-@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("reduction", ["sum", "none", "mean"])
 def test_an_infinite_class_weight_stays_in_its_class(device, backend, reduction):
+    # ('mean': the ignored row, clamped onto class 0, added inf * 0 = NaN to the denominator)
     # without smoothing, a class weight reaches only the rows whose target it is: an infinite
     # weight of an ignored (or absent) class leaves the other rows' loss and gradient finite
     # (0 * inf in the smoothing terms made every row NaN); with smoothing the loss is +inf

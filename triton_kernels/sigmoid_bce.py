@@ -145,9 +145,11 @@ def _sigmoid_bce_kernel(
                                  other=0.0).to(ACC)
             if LOSS != 0:
                 # an infinite coefficient of softplus(-x) > 0 gives its infinity (no inf * 0
-                # where log1p(e) has rounded to 0)
+                # where log1p(e) has rounded to 0); a NaN x stays NaN through e (on GPUs
+                # tl.maximum drops NaN)
                 coef = 1.0 + py - y
-                soft = tl.where(tl.abs(coef) == float("inf"), coef, coef * log1p_small(e))
+                soft = tl.where((tl.abs(coef) == float("inf")) & (e == e), coef,
+                                coef * log1p_small(e))
                 loss = w * ((1.0 - y) * tl.maximum(x, 0.0) - tl.where(x < 0.0, py * x, 0.0)
                             + soft)
                 if LOSS == 1:
@@ -157,7 +159,12 @@ def _sigmoid_bce_kernel(
                     tl.store(loss_ptr + tile.to(tl.int64) * R + rows,
                              row_sum.to(loss_ptr.dtype.element_ty), mask=row_ok)
             if GRAD:
-                dx = w * ((py + 1.0 - y) * sig - py) * g
+                # sig - y without a pos_weight: (y + 1 - y) rounds below 1 for soft targets
+                if has_pw != 0:
+                    d = (py + 1.0 - y) * sig - py
+                else:
+                    d = sig - y
+                dx = w * d * g
                 if has_scale == 2:
                     dx = dx * tl.load(g_ptr + _offsets(r2, c2, sg_r, sg_c, COLS_CONTIG),
                                       mask=mask, other=0.0).to(ACC)

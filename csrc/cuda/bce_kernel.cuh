@@ -184,15 +184,16 @@ __device__ __forceinline__ acc_t<T> bce_chunk(const BceArgs& a, int64_t row, int
     const A sig = x >= A(0) ? inv : e * inv;
     const A py = p * y[k];
     // an infinite coefficient of softplus(-x) > 0 gives its infinity (no inf * 0 where
-    // log1p(e) has rounded to 0)
+    // log1p(e) has rounded to 0); a NaN x stays NaN through e (fmax would drop it)
     const A coef = A(1) + (p - A(1)) * y[k];
     lv[k] = want_loss ? w * ((A(1) - y[k]) * fmax(x, A(0)) - (x < A(0) ? py * x : A(0)) +
-                             (isinf(coef) ? coef : coef * acc_log1p(e)))
+                             (isinf(coef) && !isnan(e) ? coef : coef * acc_log1p(e)))
                       : A(0);
     if (in) sum += lv[k];
     if (want_grad) {
       const A g = a.gl.p != nullptr ? (in ? side_at<A>(a.gl, row, col, A(0)) : A(0)) : g_fwd;
-      gv[k] = g * w * ((py + A(1) - y[k]) * sig - py);
+      // sig - y without a pos_weight: (y + 1 - y) rounds below 1 for soft targets (y = 0.3)
+      gv[k] = g * w * (a.pw.p != nullptr ? (py + A(1) - y[k]) * sig - py : sig - y[k]);
     }
     pv[k] = sig;
     lab[k] = a.thr.p != nullptr && in && x > side_at<A>(a.thr, 0, col, A(0));

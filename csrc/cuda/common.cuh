@@ -107,11 +107,13 @@ inline int64_t max_row_chunks(int64_t cols) {
 
 // exp/log in the accumulation type. The build does NOT use --use_fast_math (it would turn tanhf
 // into tanh.approx, relative error ~1e-5, and every division into an approximation); the float
-// exp/log are the explicit intrinsics __expf/__logf (ex2.approx/lg2.approx based, relative error
-// ~2^-21 near 0), everything else is IEEE. double keeps the IEEE versions throughout.
+// exp of every element is the intrinsic __expf (ex2.approx based, relative error ~2 ulp plus
+// |x| 2^-24), everything else is IEEE. The log, once per row, is logf: __logf's absolute error
+// of ~2^-21 near 1 is a large relative error of log(s) for a confident row (loss ~1e-6), which
+// is that row's loss. double keeps the IEEE versions throughout.
 __device__ __forceinline__ float acc_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double acc_exp(double x) { return exp(x); }
-__device__ __forceinline__ float acc_log(float x) { return __logf(x); }
+__device__ __forceinline__ float acc_log(float x) { return logf(x); }
 __device__ __forceinline__ double acc_log(double x) { return log(x); }
 __device__ __forceinline__ float acc_log1p(float x) { return log1pf(x); }
 __device__ __forceinline__ double acc_log1p(double x) { return log1p(x); }

@@ -15,7 +15,7 @@ REDUCTIONS = ("none", "mean", "sum")
 
 def target_weight(weight: Tensor | None, target: Tensor, dtype: torch.dtype) -> Tensor:
     """weight[target] per row in `dtype` (ones without a weight). Out-of-range and ignored
-    targets are clamped into range here; the caller masks those rows."""
+    targets are clamped into range here; the caller masks those rows (with a where: a weight may be infinite)."""
     if weight is None:
         return torch.ones(target.shape, dtype=dtype, device=target.device)
     if weight.numel() == 0:
@@ -30,4 +30,5 @@ def mean_denominator(target: Tensor, ignore_index: int, weight: Tensor | None,
     valid = target != ignore_index
     if weight is None:
         return valid.sum(dtype=dtype)
-    return (target_weight(weight, target, dtype) * valid).sum()
+    # a where, not a product: an ignored row clamped onto an infinite weight adds 0, not NaN
+    return torch.where(valid, target_weight(weight, target, dtype), 0).sum()

@@ -187,7 +187,7 @@ def _combine(g: _Gathered, tg: _Targets, t: Tensor, weight: Tensor | None, eps: 
     in_range = (t >= 0) & (t < num_classes)
     # Without validation a target outside [0, C) is not caught on the host: make it NaN.
     zt = torch.where(in_range | ~tg.valid, zt, math.nan)
-    w_t = target_weight(weight, t, cdt) * tg.valid
+    w_t = torch.where(tg.valid, target_weight(weight, t, cdt), 0)  # no inf * 0 (see there)
     loss = (1 - eps) * w_t * ((top - zt) + logsum)
     coef_p = (1 - eps) * w_t
     eps_c = eps / num_classes.to(cdt)
