@@ -15,7 +15,8 @@ REDUCTIONS = ("none", "mean", "sum")
 
 def target_weight(weight: Tensor | None, target: Tensor, dtype: torch.dtype) -> Tensor:
     """weight[target] per row in `dtype` (ones without a weight). Out-of-range and ignored
-    targets are clamped into range here; the caller masks those rows (with a where: a weight may be infinite)."""
+    targets are clamped into range here; the caller masks those rows, with a where (a weight
+    may be infinite)."""
     if weight is None:
         return torch.ones(target.shape, dtype=dtype, device=target.device)
     if weight.numel() == 0:
