@@ -261,10 +261,14 @@ def _linear_pair(kind, backend):
             lambda x, w, y: tF.binary_cross_entropy_with_logits(tF.linear(x, w), y))
 
 
-def _linear_target(kind, g, device):
+def _linear_case(device, backend, kind):
+    """fp64 (x, w, target) and the (ours, torch's) loss functions of (x, w, target)."""
+    x, w, g = _head(device=device)
     if kind == "ce":
-        return torch.randint(0, 13, (6,), generator=g).to(device)
-    return (torch.rand(6, 13, generator=g) < 0.4).to(device, F64)
+        t = torch.randint(0, 13, (6,), generator=g).to(device)
+    else:
+        t = (torch.rand(6, 13, generator=g) < 0.4).to(device, F64)
+    return x.double(), w.double(), t, *_linear_pair(kind, backend)
 
 
 @pytest.mark.parametrize("device,backend", CASES)
@@ -272,10 +276,7 @@ def _linear_target(kind, g, device):
 def test_jacobian_vectorized(device, backend, kind):
     # vectorize=True vmaps the backward over a batched incoming gradient, which the in-place
     # scaling of the forward's gradients had no batching rule for (RuntimeError)
-    x, w, g = _head(device=device)
-    x, w = x.double(), w.double()
-    t = _linear_target(kind, g, device)
-    ours, theirs = _linear_pair(kind, backend)
+    x, w, t, ours, theirs = _linear_case(device, backend, kind)
     for vec in (True, False):
         got = torch.autograd.functional.jacobian(lambda w_: ours(x, w_, t), w, vectorize=vec)
         want = torch.autograd.functional.jacobian(lambda w_: theirs(x, w_, t), w)
@@ -289,11 +290,8 @@ def test_forward_ad_dual_tensors(device, backend, kind):
     # (NotImplementedError), so dual tensors take F.linear and the backend's loss, which has one
     import torch.autograd.forward_ad as fwAD
 
-    x, w, g = _head(device=device)
-    x, w = x.double(), w.double()
-    t = _linear_target(kind, g, device)
+    x, w, t, ours, theirs = _linear_case(device, backend, kind)
     dx, dw = torch.randn_like(x), torch.randn_like(w)
-    ours, theirs = _linear_pair(kind, backend)
     out = []
     for fn in (ours, theirs):
         with fwAD.dual_level():
