@@ -223,6 +223,12 @@ def all_rows_ignored(rank, world, backend):
     assert torch.isnan(mean) and torch.isnan(F.cross_entropy(x, t, ignore_index=IGNORE))
     assert total.item() == 0.0
     assert torch.equal(local.grad, torch.zeros_like(local))
+    # the mean's backward divides by 0: the gradient is still exactly 0 (torch's), not NaN
+    w = torch.linspace(0.5, 2.0, x.shape[1])
+    for kw in ({}, dict(weight=w), dict(label_smoothing=0.1)):
+        local.grad = None
+        D.cross_entropy(local, t, ignore_index=IGNORE, backend=backend, **kw).backward()
+        assert torch.equal(local.grad, torch.zeros_like(local)), kw
 
 
 @case

@@ -158,3 +158,22 @@ def test_data_parallel_replicas_and_remove(linear):
     out, ref = model(input_ids=x, labels=labels), scaled(input_ids=x, labels=labels)
     torch.testing.assert_close(out.logits, ref.logits)
     torch.testing.assert_close(out.loss, ref.loss)
+
+
+@pytest.mark.parametrize("linear", [True, False], ids=["linear", "logits"])
+def test_torch_compile_of_the_patched_model(linear):
+    # the fused linear path swapped lm_head's `forward` attribute for the unlabelled forward;
+    # torch.compile replayed its `del` onto a Linear that no longer had it (AttributeError)
+    stock, model = causal_pair("llama")
+    flt.apply(model, linear=linear)
+    compiled = torch.compile(model, backend="aot_eager")
+    x = torch.randint(0, VOCAB, (2, 9))
+    labels = labels_for(x)
+    ref, ref_grads = loss_and_grads(stock, input_ids=x, labels=labels)
+    model.zero_grad(set_to_none=True)
+    out = compiled(input_ids=x, labels=labels)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name], msg=lambda m, n=name: f"{n}: {m}")
+    assert isinstance(model.lm_head, torch.nn.Linear)  # restored

@@ -274,7 +274,7 @@ class VocabParallelCE(torch.autograd.Function):
             conf = torch.empty(0, dtype=torch.float32, device=x2.device)
         rank = dist.get_rank(group)
         ctx.save_for_backward(x2, r.up[rank], r.top, r.logsum, r.coef_p, tg.local, r.onehot,
-                              r.eps_c, w_local)
+                              r.eps_c, w_local, tg.valid)
         ctx.mark_non_differentiable(pred, conf)
         return r.loss, pred, conf
 
@@ -282,11 +282,13 @@ class VocabParallelCE(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_pred, _grad_conf):
         # dloss_r/dz_c = p_c coef_p[r] - onehot[r] [c == t_local[r]] - eps_c[r] w_c
-        x2, up, top, logsum, coef_p, t_local, onehot, eps_c, w_local = ctx.saved_tensors
+        x2, up, top, logsum, coef_p, t_local, onehot, eps_c, w_local, valid = ctx.saved_tensors
         if grad_loss is None:
             return (None,) * 10
         cdt = top.dtype
-        g = grad_loss.to(cdt)
+        # ignored rows: exactly 0, also for an infinite incoming gradient ('mean' of a batch
+        # with every row ignored divides by 0; inf * 0 made every row NaN, torch gives 0)
+        g = torch.where(valid, grad_loss.to(cdt), 0.0)
         probs = PROBS_BY_DEVICE.get(x2.device.type, _probs_exp)
         grad = probs(x2, up, top, logsum, g * coef_p)
         if eps_c is not None:

@@ -38,13 +38,14 @@ LINEAR_CAUSAL_LMS = {
 }
 
 
-class _RecordInput:
-    """Stands in for lm_head.forward: records the hidden state, returns it (no matmul)."""
+class _RecordInput(nn.Module):
+    """Stands in for lm_head: records the hidden state, returns it (no matmul)."""
 
     def __init__(self):
+        super().__init__()
         self.inputs = []
 
-    def __call__(self, hidden):
+    def forward(self, hidden):
         self.inputs.append(hidden)
         return hidden
 
@@ -53,17 +54,16 @@ def lm_head_input(model, state: WrapState, args: tuple, kwargs: dict):
     """Run the unlabelled forward with lm_head recording instead of projecting.
 
     Returns (hidden state lm_head was given, the forward's output)."""
+    # The submodule is swapped, not its `forward` attribute: torch.compile traces a module
+    # swap, while it replayed the set and `del` of an instance attribute onto a Linear that
+    # no longer had it (AttributeError on the first compiled call).
     head = model.lm_head
     record = _RecordInput()
-    previous = head.__dict__.get("forward")
-    head.forward = record
+    model.lm_head = record
     try:
         out = run_unlabelled(model, state, args, kwargs)
     finally:
-        if previous is None:
-            del head.forward
-        else:
-            head.forward = previous
+        model.lm_head = head
     if len(record.inputs) != 1:
         raise RuntimeError(
             f"{type(model).__name__}.forward called lm_head {len(record.inputs)} times, "
