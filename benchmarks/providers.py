@@ -172,14 +172,29 @@ def compile_provider(case: Case, kind: str) -> Provider:
 
 def _restoring(case: Case, inp: Inputs, call, note: str) -> Runner:
     """A runner for a provider that overwrites its input logits with the gradient: it gets a
-    copy, restored from the original before each call (untimed)."""
-    work = inp.x.detach().clone().requires_grad_(case.backward)
+    copy, restored from the original before each call (untimed). The logits are `base + 0`, a
+    non-leaf (in-place on a leaf that requires grad raises, as in torch) made untimed, whose
+    backward hands the gradient on unchanged: `.backward()` lands it in base.grad."""
+    base = inp.x.detach().clone().requires_grad_(case.backward)
+    work = {"x": base}
 
     def restore():
         with torch.no_grad():
-            work.copy_(inp.x)
-    return Runner(_run(call, work, inp.target, case.pass_), setup=restore,
-                  note="input restored before each call (untimed)" + note)
+            base.copy_(inp.x)
+        work["x"] = base + 0 if case.backward else base
+
+    def fn():
+        x = work["x"]
+        loss, dec = call(x, inp.target)
+        if case.pass_ == "fwd+bwd":
+            loss.backward()
+            grad, base.grad = base.grad, None
+            return Out(loss.detach(), grad, dec)
+        if case.pass_ == "fwd+autograd":
+            (grad,) = torch.autograd.grad(loss, x)
+            return Out(loss.detach(), grad, dec)
+        return Out(loss, None, dec)
+    return Runner(fn, setup=restore, note="input restored before each call (untimed)" + note)
 
 
 def fusedloss_provider(case: Case, backend: str, kind: str, inplace: bool = False) -> Provider:

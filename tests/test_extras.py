@@ -117,6 +117,26 @@ def test_inplace_backward(dev_backend):
         (loss + other).backward()
 
 
+def test_inplace_backward_refuses_leaf_logits_as_torch(dev_backend):
+    # the forward writes the gradient over the logits: on a parameter (or a view of one) it
+    # silently replaced the values an optimizer then stepped from; torch's in-place ops raise
+    device, backend = dev_backend
+    p = torch.nn.Parameter(torch.randn(4, 16, device=device))
+    t = torch.randint(0, 16, (4,), device=device)
+    for x in (p, p[:2], p.view(4, 16)):
+        with pytest.raises(RuntimeError, match="leaf Variable that requires grad") as ours:
+            fusedloss.cross_entropy(x, t[: x.shape[0]], inplace_backward=True, backend=backend)
+        with pytest.raises(RuntimeError) as theirs:
+            x.relu_()
+        assert str(theirs.value).rstrip(".") in str(ours.value)
+    kept = p.detach().clone()
+    assert torch.equal(p.detach(), kept)
+    with torch.no_grad():  # no gradient written: allowed, as torch allows it
+        assert_close(fusedloss.cross_entropy(p, t, inplace_backward=True, backend=backend),
+                     F.cross_entropy(kept, t), torch.float32)
+    assert torch.equal(p.detach(), kept)
+
+
 def test_soft_target_gradient(dev_backend):
     """Probability targets that require grad (distillation) get torch's gradient."""
     device, backend = dev_backend

@@ -75,8 +75,10 @@ def resolve_backend(backend: str = "auto", device="cpu") -> str:
 def get(name: str, device) -> Backend:
     """Resolve `backend=` (or FUSEDLOSS_BACKEND for "auto") to a usable Backend, or raise."""
     dev = _device(device)
+    source = "backend"
     if name == "auto":
         name = os.environ.get(ENV_VAR, "auto") or "auto"
+        source = f"backend='auto' takes the environment's {ENV_VAR}, and {ENV_VAR}"
         if name == "auto":
             for b in sorted(_REGISTRY.values(), key=lambda b: b.priority.get(dev.type, 1000)):
                 if dev.type in b.priority and b.supports(dev):
@@ -84,18 +86,18 @@ def get(name: str, device) -> Backend:
             return _REGISTRY["torch"]
     if not isinstance(name, str) or name not in KNOWN:
         raise ValueError(
-            f"backend={name!r} is not a fusedloss backend; expected one of "
+            f"{source}={name!r} is not a fusedloss backend; expected one of "
             f"{['auto', *KNOWN]}"
         )
     b = _REGISTRY.get(name)
     if b is None:
         raise RuntimeError(
-            f"backend={name!r} is not built in this installation ({KNOWN[name]}). "
+            f"{source}={name!r} is not built in this installation ({KNOWN[name]}). "
             f"{_HINTS.get(name, '')}"
         )
     if not b.supports(dev):
         raise RuntimeError(
-            f"backend={name!r} is not available for device {dev}. {b.build_hint}"
+            f"{source}={name!r} is not available for device {dev}. {b.build_hint}"
         )
     return b
 

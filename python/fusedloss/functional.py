@@ -146,6 +146,20 @@ def _ce_grad_scale(x2: Tensor, t2: Tensor, weight: Tensor | None, prob: bool,
     return 1.0 / denom
 
 
+def _check_inplace_logits(input: Tensor) -> None:
+    """torch's rule for in-place ops: never on a leaf that requires grad, or a view of one. The
+    overwrite would replace a parameter's values with its gradient, silently."""
+    if not (torch.is_grad_enabled() and input.requires_grad):
+        return
+    base = input._base if input._is_view() else input
+    if base is not None and base.is_leaf:
+        raise RuntimeError(
+            f"a {'view of a ' if base is not input else ''}leaf Variable that requires grad "
+            "is being used in an in-place operation: inplace_backward=True overwrites the "
+            "logits (input) with their gradient; pass logits computed by a layer, or use the "
+            "default inplace_backward=False")
+
+
 def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
                   size_average=None, ignore_index: int = -100, reduce=None,
                   reduction: str = "mean", label_smoothing: float = 0.0, *,
@@ -163,6 +177,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Tensor | None = None,
                               backend)
     ignore_index, ls, s, cap = _ce_numbers(ignore_index, label_smoothing, lse_square_scale,
                                            softcap)
+    if inplace_backward:
+        _check_inplace_logits(input)
     x2, t2, shape, prob = _views.ce_views(input, target, ignore_index)
     if x2.shape[1] == 0:  # no classes: the reference's empty sums (a kernel's lse is -inf)
         b = _backend.get("torch", input.device)
