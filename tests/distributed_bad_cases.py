@@ -72,6 +72,13 @@ def bad_class_start_overlap(rank, world, backend):
 
 
 @case
+def bad_weight_dtype_raises_torchs_type(rank, world, backend):
+    # torch: RuntimeError "expected scalar type Float but found Double" (was a ValueError here)
+    _bad(rank, world, backend, RuntimeError, r"weight\.dtype torch\.float64 must match",
+         weight=lambda r, a: _data()[2].double())
+
+
+@case
 def bad_weight_is_local_slice(rank, world, backend):
     def wl(r, a):
         start, size = _layout(r, world)

@@ -35,6 +35,11 @@ def fail(exc_type, msg: str):
     raise exc_type(f"fusedloss.distributed.cross_entropy: {msg}")
 
 
+class RuntimeProblem(str):
+    """A local problem torch reports as a RuntimeError (a dtype mismatch); the others are
+    ValueErrors. Every rank raises RuntimeError when all the problems found are of this kind."""
+
+
 # ----------------------------------------------------------------------------- this rank alone
 def _tensor_problems(local_logits: Tensor, target: Tensor) -> list[str]:
     p = []
@@ -67,8 +72,9 @@ def _weight_problems(weight, local_logits: Tensor) -> list[str]:
         return [f"weight must be the full 1-D (num_classes,) weight, got shape "
                 f"{tuple(weight.shape)}"]
     if weight.dtype != local_logits.dtype:
-        return [f"weight.dtype {weight.dtype} must match local_logits.dtype "
-                f"{local_logits.dtype}"]
+        return [RuntimeProblem(f"weight.dtype {weight.dtype} must match local_logits.dtype "
+                               f"{local_logits.dtype} (as torch: expected scalar type "
+                               f"{local_logits.dtype} but found {weight.dtype})")]
     if weight.device != local_logits.device:
         return [f"weight is on {weight.device} but local_logits on {local_logits.device}"]
     return []
@@ -183,7 +189,9 @@ def _raise_local_problems(hs, problems: list[str], group) -> None:
         msgs = [None] * world
         dist.all_gather_object(msgs, problems, group=group)  # all ranks are here: no hang
         text = "; ".join(f"rank {r}: {' / '.join(msgs[r])}" for r in errs)
-        fail(ValueError, f"bad input on {len(errs)} of {world} ranks: {text}")
+        runtime = all(isinstance(m, RuntimeProblem) for r in errs for m in msgs[r])
+        fail(RuntimeError if runtime else ValueError,
+             f"bad input on {len(errs)} of {world} ranks: {text}")
 
 
 def _check_same_everywhere(hs) -> None:
