@@ -42,6 +42,11 @@ def _nvidia_include_dirs():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+def _cuda_version(path: str) -> tuple:
+    """(12, 4) for /usr/local/cuda-12.4; () when the name holds no version."""
+    return tuple(int(v) for v in re.findall(r"\d+", os.path.basename(path)))
+
+
 def _cuda_home():
     """The CUDA toolkit to build with: CUDA_HOME / CUDA_PATH when set, else the toolkit of the
     nvcc on PATH (when it is not a wrapper script), else /usr/local/cuda, else the newest
@@ -53,7 +58,9 @@ def _cuda_home():
     nvcc = shutil.which("nvcc")
     if nvcc:
         cands.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    # the newest versioned toolkit first: by version number (as text, cuda-9.2 > cuda-12.4)
+    cands += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), key=_cuda_version,
+                                          reverse=True)
     for c in cands:
         if os.path.exists(os.path.join(c, "bin", "nvcc")) and \
                 os.path.exists(os.path.join(c, "include", "cuda_runtime.h")):

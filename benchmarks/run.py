@@ -40,6 +40,8 @@ from timing import Timer  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     epilog = "profiles:\n" + "\n".join(
         f"  {name:12s} {prof.description}" for name, prof in PROFILES.items()) + (
+        "\n  linear, hf, hist  separate benchmarks (fused linear + loss, transformers, the "
+        "threshold histogram):\n  `--profile NAME --help` lists their own options"
         "\n\nexit status: 0 when every provider passed its check, 1 when one FAILED or "
         "raised (ERROR), 2 for bad arguments")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=epilog,
