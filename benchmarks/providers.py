@@ -122,12 +122,14 @@ class Provider:
         return self.name + "".join(f" [{t}]" for t in tags)
 
 
-def _run(call, x, tgt, pass_: str) -> Callable[[], Out]:
+def _run(call, x, tgt, pass_: str, leaf=None) -> Callable[[], Out]:
+    """The timed call; `.backward()` lands the gradient in `leaf` (default: x itself)."""
+    leaf = x if leaf is None else leaf
     if pass_ == "fwd+bwd":
         def fn():
             loss, dec = call(x, tgt)
             loss.backward()
-            grad, x.grad = x.grad, None
+            grad, leaf.grad = leaf.grad, None
             return Out(loss.detach(), grad, dec)
     elif pass_ == "fwd+autograd":
         def fn():
@@ -176,25 +178,16 @@ def _restoring(case: Case, inp: Inputs, call, note: str) -> Runner:
     non-leaf (in-place on a leaf that requires grad raises, as in torch) made untimed, whose
     backward hands the gradient on unchanged: `.backward()` lands it in base.grad."""
     base = inp.x.detach().clone().requires_grad_(case.backward)
-    work = {"x": base}
+    work = {}
 
     def restore():
         with torch.no_grad():
             base.copy_(inp.x)
-        work["x"] = base + 0 if case.backward else base
+        x = base + 0 if case.backward else base
+        work["fn"] = _run(call, x, inp.target, case.pass_, leaf=base)
 
-    def fn():
-        x = work["x"]
-        loss, dec = call(x, inp.target)
-        if case.pass_ == "fwd+bwd":
-            loss.backward()
-            grad, base.grad = base.grad, None
-            return Out(loss.detach(), grad, dec)
-        if case.pass_ == "fwd+autograd":
-            (grad,) = torch.autograd.grad(loss, x)
-            return Out(loss.detach(), grad, dec)
-        return Out(loss, None, dec)
-    return Runner(fn, setup=restore, note="input restored before each call (untimed)" + note)
+    return Runner(lambda: work["fn"](), setup=restore,
+                  note="input restored before each call (untimed)" + note)
 
 
 def fusedloss_provider(case: Case, backend: str, kind: str, inplace: bool = False) -> Provider:

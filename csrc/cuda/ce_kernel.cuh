@@ -223,8 +223,9 @@ __device__ __forceinline__ void ce_row_outputs(const CeArgs& a, const CeConst<A>
 //   class index: coef = (1-eps) w_t + (eps/C) W + 2 s lse,
 //                term  = (1-eps) w_t [c == t] + (eps/C) w_c
 //   probability: coef = S + 2 s lse,  term = w_c y'_c,  y' = (1-eps) y + eps/C
-// then dx = dz * sech(x/cap)^2 (= 1 - (z/cap)^2) with softcap, times the scale g (forward: grad_scale; backward:
-// grad_loss[row]). Ignored rows are exactly 0; bad-target and +inf rows are NaN.
+// then dx = dz * sech(x/cap)^2 (= 1 - (z/cap)^2) with softcap, times the scale g (forward:
+// grad_scale; backward: grad_loss[row]). Ignored rows are exactly 0; bad-target and +inf rows
+// are NaN.
 template <typename T, typename A>
 __device__ __forceinline__ void ce_gradient_pass(const CeArgs& a, const CeConst<A>& k,
                                                  const RowGroup& grp, const CeRow<T, A>& r,

@@ -290,8 +290,9 @@ def _forward_ad_possible() -> bool:
     return not torch.compiler.is_compiling() and (functorch_active() or forward_ad_active())
 
 
-def _traced_under_functorch() -> bool:
-    """torch.compile tracing a torch.func transform (compile(grad(f)), compile(vmap(grad(f)))):
+def _forward_as_torch_ops() -> bool:
+    """Must the forward run as plain torch-backend code, not through the Functions?
+    torch.compile tracing a torch.func transform (compile(grad(f)), compile(vmap(grad(f)))):
     there dynamo inlined the Functions' forward and differentiated the ops it calls, so their
     backward was not used (the fused ops have no autograd formula: the gradient was silently
     zero; the ops' Autograd guard in csrc/ops.cpp now raises instead), and it could not vmap the
@@ -302,7 +303,7 @@ def _traced_under_functorch() -> bool:
 
 def ce_apply(logits, target, weight, grad_scale, cfg: CEConfig):
     """SoftmaxCrossEntropyFunction.apply, with forward-mode AD support where it may be used."""
-    if _traced_under_functorch():
+    if _forward_as_torch_ops():
         cfg = cfg._replace(backend="torch", fused_grad=False, inplace=False)
         return SoftmaxCrossEntropyFunction.forward(logits, target, weight, grad_scale, cfg)
     fn = SoftmaxCrossEntropyJvpFunction if _forward_ad_possible() else \
@@ -314,7 +315,7 @@ def bce_apply(logits, target, weight, pos_weight, grad_scale, threshold, cfg: BC
               hist=None):
     """SigmoidBCEFunction.apply, with forward-mode AD support where it may be used; `hist`:
     None or a ThresholdHistogram's (edges, counts), added to by the same pass."""
-    if _traced_under_functorch():
+    if _forward_as_torch_ops():
         cfg = cfg._replace(backend="torch", fused_grad=False)
         return SigmoidBCEFunction.forward(logits, target, weight, pos_weight, grad_scale,
                                           threshold, cfg, hist)

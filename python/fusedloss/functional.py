@@ -152,7 +152,7 @@ def _check_inplace_logits(input: Tensor) -> None:
     if not (torch.is_grad_enabled() and input.requires_grad):
         return
     base = input._base if input._is_view() else input
-    if base is not None and base.is_leaf:
+    if base.is_leaf:
         raise RuntimeError(
             f"a {'view of a ' if base is not input else ''}leaf Variable that requires grad "
             "is being used in an in-place operation: inplace_backward=True overwrites the "
